@@ -1,0 +1,1 @@
+"""Baselines trained with the same encoder, augmentation and loss as MocoSFL."""

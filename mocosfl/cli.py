@@ -1,0 +1,172 @@
+"""`mocosfl <stage>`: the one command-line entry point (DVC stages and Prefect tasks call it too).
+
+Errors that users can fix print one line on stderr and exit 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EPILOG = "KEY is a dotted path into params.yaml, e.g. --set sfl.sync_period=10 --set model.width=16"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="named profile from params.yaml (default: its top-level `profile:`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable)")
+    p.add_argument("--params", default=os.environ.get("MOCOSFL_PARAMS", "params.yaml"),
+                   help="path to params.yaml (default: ./params.yaml or $MOCOSFL_PARAMS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mocosfl", description="MocoSFL: split federated learning + MoCo v2.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "prepare": "decode the dataset once into uint8 arrays",
+        "partition": "split the training set into client shards",
+        "pretrain": "MocoSFL self-supervised pretraining (resumes its own run)",
+        "evaluate": "kNN and linear probe of the trained encoder",
+        "bench": "time the simulation against centralized MoCo (last line: JSON)",
+        "config": "print the resolved configuration",
+        "embed": "write encoder features of an ImageFolder to .npz",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG)
+        _common(p)
+        if name == "bench":
+            p.add_argument("--clients", help="comma-separated client counts (default: partition.num_clients)")
+        if name == "embed":
+            p.add_argument("--input", required=True, help="ImageFolder dir or .tar.gz with train/ and test/")
+            p.add_argument("--output", required=True, help="output .npz")
+            p.add_argument("--encoder", help="encoder.pt or run dir (default: this config's pretrain run)")
+    return parser
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr,
+                disable=os.environ.get("MOCOSFL_NO_PROGRESS") == "1")
+
+
+def cmd_prepare(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from mocosfl import workflow
+
+    bar = tqdm(desc="decoding", unit="img", file=sys.stderr, disable=os.environ.get("MOCOSFL_NO_PROGRESS") == "1")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    path = workflow.prepare(cfg, progress)
+    bar.close()
+    return {"prepared": str(path)}
+
+
+def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mocosfl import workflow
+
+    state: dict[str, Any] = {}
+
+    def on_start(trainer: Any, directory: Path) -> None:
+        plan = trainer.plan
+        print(f"run {directory} : N={plan.num_clients} M={plan.clients_per_round} b={plan.client_batch_size} "
+              f"B={plan.batch_size} steps={plan.total_steps} sync every {plan.sync_period}"
+              + (f" (resuming at step {trainer.step})" if trainer.step else ""), file=sys.stderr)
+        state["bar"] = _progress_bar(plan.total_steps, "pretrain")
+        state["bar"].update(trainer.step)
+
+    def on_step(row: dict[str, float]) -> None:
+        bar = state["bar"]
+        bar.update(1)
+        post = {"loss": f"{row['loss']:.3f}"}
+        if "knn_top1" in row:
+            state["knn"] = row["knn_top1"]
+        if "knn" in state:
+            post["knn"] = f"{state['knn']:.1f}"
+        bar.set_postfix(post, refresh=False)
+
+    result = workflow.pretrain(cfg, on_step=on_step, on_start=on_start)
+    if "bar" in state:
+        state["bar"].close()
+    else:
+        print(f"run {result['run_dir']} already finished; nothing to do", file=sys.stderr)
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def cmd_bench(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mocosfl import bench, workflow
+    from mocosfl.data.prepare import DataError
+
+    clients = [int(c) for c in args.clients.split(",")] if args.clients else [cfg.partition.num_clients]
+    try:
+        ds = workflow.Dataset(cfg)
+        images, labels = ds.train_x(), ds.train_y
+        mean, std = ds.prepared.mean, ds.prepared.std
+        print(f"bench on prepared data {ds.prepared.path.name} ({len(labels)} images)", file=sys.stderr)
+    except DataError:
+        n = max(50_000, 5 * max(clients))
+        images, labels = bench.synthetic_images(n, cfg.data.image_size, 10, cfg.seed)
+        mean, std = bench.CIFAR_MEAN, bench.CIFAR_STD
+        print(f"no prepared data: bench on {n} synthetic images", file=sys.stderr)
+    return bench.bench(cfg, clients, images, labels, mean, std, log=lambda s: print(s, file=sys.stderr))
+
+
+def cmd_embed(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mocosfl import workflow
+
+    encoder = args.encoder
+    if encoder is None:
+        ds = workflow.Dataset(cfg)
+        encoder = workflow.run_dir(cfg, ds, workflow.shards_path(cfg))
+    return workflow.embed(encoder, args.input, args.output, batch_size=cfg.evaluate.batch_size, device=cfg.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mocosfl.config import ConfigError, load_config, to_yaml
+    from mocosfl.data.partition import PartitionError
+    from mocosfl.data.prepare import DataError
+    from mocosfl.sfl.trainer import TrainingDiverged
+
+    try:
+        cfg = load_config(args.params, args.profile, args.overrides)
+        if args.command == "config":
+            print(to_yaml(cfg), end="")
+            return 0
+        import torch
+
+        if cfg.pretrain.num_threads:
+            torch.set_num_threads(cfg.pretrain.num_threads)
+        from mocosfl import workflow
+
+        commands: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
+            "prepare": cmd_prepare,
+            "partition": lambda c, a: workflow.partition(c),
+            "pretrain": cmd_pretrain,
+            "evaluate": lambda c, a: workflow.evaluate(c, log=lambda s: print(s, file=sys.stderr)),
+            "bench": cmd_bench,
+            "embed": cmd_embed,
+        }
+        result = commands[args.command](cfg, args)
+    except (ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged) as e:
+        print(f"mocosfl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mocosfl {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    print(json.dumps(result, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

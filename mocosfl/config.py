@@ -1,0 +1,346 @@
+"""Typed, frozen configuration for every stage, loaded once from ``params.yaml``.
+
+``params.yaml`` holds base values, a ``profiles:`` mapping of named overrides and a
+top-level ``profile:`` choosing one; ``--set KEY=VALUE`` overrides come last.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A key or value in the configuration is invalid (message names it)."""
+
+
+Auto = Literal["auto"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "../shared/data/cifar10-jpeg.tar.gz"
+    image_size: int = 32
+    prepared_dir: str = "data/prepared"
+    # Use a seeded random subset of this many training / test images (None = all).
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    method: Literal["noniid-shards", "dirichlet", "iid"] = "noniid-shards"
+    num_clients: int = 1000
+    shards_per_client: int = 2
+    dirichlet_alpha: float = 0.5
+    out_dir: str = "data/partitions"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = 64
+    cut_layers: Literal[1, 3, 5] = 1
+    proj_hidden_dim: int = 1024
+    proj_dim: int = 1024
+    gn_groups: int = 32
+
+
+@dataclass(frozen=True)
+class SflConfig:
+    clients_per_round: int | Auto = "auto"
+    client_batch_size: int | Auto = "auto"
+    sync_period: int = 50
+    sync_targets: bool = True
+    stateful_clients: bool = False
+    fedavg_weights: Literal["samples_seen", "shard_size"] = "samples_seen"
+
+
+@dataclass(frozen=True)
+class MocoConfig:
+    queue_size: int = 6000
+    temperature: float = 0.1
+    ema: float = 0.99
+    feature_sharing: bool = True
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = 200
+    steps: int | None = None
+    lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    knn_every: int = 500
+    knn_bank_size: int = 5000
+    knn_test_size: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    runs_dir: str = "runs"
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    encoder: Literal["trained", "random"] = "trained"
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    linear_epochs: int = 100
+    linear_lr: float = 1e-3
+    linear_batch_size: int = 256
+    val_fraction: float = 0.1
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    steps: int = 20
+    warmup: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str = "default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    metrics_dir: str = "metrics"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sfl: SflConfig = field(default_factory=SflConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Copy with dotted-key overrides, validated like ``--set``."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key.replace("__", "."), value)
+        return from_dict(raw)
+
+
+# Keys that name where things live, not what is computed: left out of run hashes.
+PATH_KEYS = {"profile", "data.source", "data.prepared_dir", "partition.out_dir",
+             "pretrain.runs_dir", "metrics_dir", "device", "pretrain.num_threads",
+             "pretrain.checkpoint_every", "pretrain.keep_checkpoints"}
+_PATH_FIELDS = {"data.source", "data.prepared_dir", "partition.out_dir",
+                "pretrain.runs_dir", "metrics_dir"}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` coerced to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(key, value, arm)
+            except ConfigError as e:
+                errors.append(str(e))
+        allowed = " or ".join(_describe(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: allowed {', '.join(map(repr, choices))}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}={value!r} is invalid: expected null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(raw):
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], key + ".")
+        else:
+            kwargs[name] = _check_type(key, raw[name], tp)
+    return cls(**kwargs)
+
+
+def _positive(key: str, value: Any, minimum: float = 1) -> None:
+    if value is not None and value != "auto" and value < minimum:
+        raise ConfigError(f"{key}={value!r} is invalid: must be >= {minimum}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that the types alone cannot express."""
+    for key in ["data.image_size", "partition.num_clients", "partition.shards_per_client",
+                "model.width", "model.proj_hidden_dim", "model.proj_dim", "model.gn_groups",
+                "sfl.clients_per_round", "sfl.client_batch_size", "sfl.sync_period",
+                "moco.queue_size", "pretrain.epochs", "pretrain.steps", "pretrain.knn_every",
+                "pretrain.knn_bank_size", "pretrain.knn_test_size", "pretrain.checkpoint_every",
+                "pretrain.keep_checkpoints", "pretrain.num_threads", "evaluate.knn_k",
+                "evaluate.linear_epochs", "evaluate.linear_batch_size", "evaluate.batch_size",
+                "bench.steps", "data.train_limit", "data.test_limit"]:
+        _positive(key, get_dotted(cfg, key))
+    _positive("bench.warmup", cfg.bench.warmup, 0)
+    for key in ["partition.dirichlet_alpha", "moco.temperature", "pretrain.lr",
+                "evaluate.knn_temperature", "evaluate.linear_lr"]:
+        if not get_dotted(cfg, key) > 0:
+            raise ConfigError(f"{key}={get_dotted(cfg, key)!r} is invalid: must be > 0")
+    if not 0 <= cfg.moco.ema < 1:
+        raise ConfigError(f"moco.ema={cfg.moco.ema!r} is invalid: must be in [0, 1)")
+    if not 0 <= cfg.pretrain.momentum < 1:
+        raise ConfigError(f"pretrain.momentum={cfg.pretrain.momentum!r} is invalid: must be in [0, 1)")
+    if cfg.pretrain.weight_decay < 0:
+        raise ConfigError(f"pretrain.weight_decay={cfg.pretrain.weight_decay!r} is invalid: must be >= 0")
+    if not 0 < cfg.evaluate.val_fraction < 1:
+        raise ConfigError(f"evaluate.val_fraction={cfg.evaluate.val_fraction!r} is invalid: must be in (0, 1)")
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return validate(_build(Config, raw, ""))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{key}'")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key '{key}'")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in out:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+        if isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"sfl.sync_period=10"`` -> ``("sfl.sync_period", 10)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like KEY=VALUE")
+    key, _, value = text.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def load_config(
+    params: str | Path = "params.yaml",
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Read ``params``, apply a profile and ``KEY=VALUE`` overrides, validate.
+
+    Relative paths in the result are resolved against the params file's folder.
+    """
+    path = Path(params)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping")
+    profiles = doc.pop("profiles", {}) or {}
+    chosen = profile or doc.get("profile") or "default"
+    base = Config().to_dict()
+    raw = _merge(base, doc)
+    if chosen != "default":
+        if chosen not in profiles:
+            raise ConfigError(f"unknown profile '{chosen}' (known: {', '.join(sorted(profiles))})")
+        raw = _merge(raw, profiles[chosen] or {})
+    raw["profile"] = chosen
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    root = path.resolve().parent
+    for key in _PATH_FIELDS:
+        value = get_dotted(raw, key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            _set_dotted(raw, key, str((root / value).resolve()))
+    return from_dict(raw)
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...], extra: str = "") -> str:
+    """Short stable hash of the given sections, leaving out location-only keys."""
+    raw = cfg.to_dict()
+    picked: dict[str, Any] = {}
+    for section in sections:
+        value = raw[section]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if f"{section}.{k}" not in PATH_KEYS}
+        picked[section] = value
+    blob = json.dumps(picked, sort_keys=True) + extra
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

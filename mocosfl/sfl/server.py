@@ -1,0 +1,90 @@
+"""MoCo v2 on the server: InfoNCE over smashed data, EMA target, and the key queues.
+
+The shared queue is MocoSFL's feature sharing: keys from every client are negatives
+for every client. The per-client queue is the ablation without it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE loss; positives are (q_j, k_j), negatives every row of ``negatives``.
+
+    Shape: q, k [B, D] (L2-normalised); negatives [K, D] shared, or [B, K, D] per sample.
+    """
+    pos = (q * k).sum(dim=1, keepdim=True)  # [B, 1]
+    if negatives.dim() == 2:
+        neg = q @ negatives.t()  # [B, K]
+    else:
+        neg = torch.einsum("bd,bkd->bk", q, negatives)  # [B, K]
+    logits = torch.cat([pos, neg], dim=1) / temperature  # [B, 1+K]
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+class KeyQueue:
+    """Shared FIFO queue of K keys: enqueue overwrites the oldest (wraps around)."""
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"):
+        # MoCo starts from random unit vectors; they are flushed after K/(2B) steps.
+        keys = torch.randn(size, dim, generator=generator)
+        self.keys = F.normalize(keys, dim=1).to(device)
+        self.ptr = 0
+
+    @torch.no_grad()
+    def enqueue(self, new: torch.Tensor) -> None:
+        """Shape: new [n, D]; if n > K only the newest K are kept."""
+        size = self.keys.shape[0]
+        new = new[-size:]
+        n = new.shape[0]
+        idx = (self.ptr + torch.arange(n, device=self.keys.device)) % size
+        self.keys[idx] = new
+        self.ptr = (self.ptr + n) % size
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "ptr": torch.tensor(self.ptr)}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.keys.copy_(state["keys"])
+        self.ptr = int(state["ptr"])
+
+
+class PerClientQueue:
+    """One private FIFO queue per client (feature sharing off): [N, K_c, D] plus pointers."""
+
+    def __init__(self, num_clients: int, size: int, dim: int, generator: torch.Generator,
+                 device: torch.device | str = "cpu"):
+        keys = torch.randn(num_clients, size, dim, generator=generator)
+        self.keys = F.normalize(keys, dim=2).to(device)
+        self.ptr = torch.zeros(num_clients, dtype=torch.long, device=device)
+
+    def negatives(self, client_of_sample: torch.Tensor) -> torch.Tensor:
+        """Shape: client_of_sample [B] -> [B, K_c, D]."""
+        return self.keys[client_of_sample]
+
+    @torch.no_grad()
+    def enqueue(self, client_ids: torch.Tensor, new: torch.Tensor) -> None:
+        """Shape: client_ids [M], new [M, n, D]: client i's n newest keys go into its own queue."""
+        size = self.keys.shape[1]
+        new = new[:, -size:]
+        n = new.shape[1]
+        slots = (self.ptr[client_ids].unsqueeze(1) + torch.arange(n, device=self.keys.device)) % size  # [M, n]
+        self.keys[client_ids.unsqueeze(1), slots] = new
+        self.ptr[client_ids] = (self.ptr[client_ids] + n) % size
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "ptr": self.ptr}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.keys.copy_(state["keys"])
+        self.ptr.copy_(state["ptr"])
+
+
+@torch.no_grad()
+def ema_update_module(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    """target <- tau * target + (1 - tau) * online, parameter by parameter."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.mul_(tau).add_(o.detach(), alpha=1.0 - tau)

@@ -1,0 +1,463 @@
+"""MocoSFL training loop: rounds of ``sync_period`` steps, stacked clients, one MoCo server.
+
+Randomness is derived from (seed, round) and (seed, step) rather than carried as
+generator state, so a run resumed from any checkpoint replays exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mocosfl.config import Config, ConfigError
+from mocosfl.data.augment import MocoV2Augment
+from mocosfl.eval.knn import extract_features, knn_top1
+from mocosfl.models.resnet import Encoder, build_split_model, count_params
+from mocosfl.sfl import clients as C
+from mocosfl.sfl.server import KeyQueue, PerClientQueue, ema_update_module, info_nce
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The numbers a run is made of, after ``auto`` rules and validation."""
+
+    num_clients: int
+    clients_per_round: int
+    client_batch_size: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    sync_period: int
+
+
+def auto_client_batch_size(num_clients: int) -> int:
+    # The reference: total batch 100 split over the clients when there are few, else 1.
+    return max(1, 100 // num_clients) if num_clients <= 50 else 1
+
+
+def auto_clients_per_round(num_clients: int) -> int:
+    # The reference samples a fraction 1/(N//100) of the clients when N >= 200 (100-199 of them).
+    if num_clients < 200:
+        return num_clients
+    return int(num_clients / (num_clients // 100))
+
+
+def resolve_plan(cfg: Config, shard_sizes: np.ndarray) -> Plan:
+    n = len(shard_sizes)
+    if n != cfg.partition.num_clients:
+        raise ConfigError(
+            f"the shard index has {n} clients but partition.num_clients={cfg.partition.num_clients}; "
+            "run `mocosfl partition` again"
+        )
+    m = cfg.sfl.clients_per_round
+    m = auto_clients_per_round(n) if m == "auto" else m
+    if m > n:
+        raise ConfigError(f"sfl.clients_per_round={m} is invalid: more than partition.num_clients={n}")
+    b = cfg.sfl.client_batch_size
+    b = auto_client_batch_size(n) if b == "auto" else b
+    smallest = int(shard_sizes.min())
+    if smallest < 1:
+        raise ConfigError("a client shard is empty; choose another partition")
+    if b > smallest:
+        raise ConfigError(
+            f"sfl.client_batch_size={b} is invalid: larger than the smallest client shard ({smallest} images)"
+        )
+    batch = m * b
+    # One epoch = one pass over the training images in total, which equals the reference's
+    # "epochs x 1/ratio" bookkeeping when clients are sampled.
+    steps_per_epoch = max(1, math.ceil(int(shard_sizes.sum()) / batch))
+    total = cfg.pretrain.steps or cfg.pretrain.epochs * steps_per_epoch
+    return Plan(n, m, b, batch, steps_per_epoch, total, cfg.sfl.sync_period)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda is invalid: no CUDA device is available here")
+    return torch.device(name)
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *stream])
+
+
+def _torch_gen(seed: int, *stream: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(_rng(seed, *stream).integers(2**62)))
+    return g
+
+
+@dataclass
+class KnnData:
+    """Fixed monitor subset: training images as memory bank, test images as queries."""
+
+    bank_x: np.ndarray
+    bank_y: torch.Tensor
+    test_x: np.ndarray
+    test_y: torch.Tensor
+    num_classes: int
+
+
+def moco_loss(
+    server: torch.nn.Module,
+    server_target: torch.nn.Module,
+    h_q: torch.Tensor,
+    h_k: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo v2 loss on the server; returns (loss, keys to enqueue).
+
+    Symmetric (the reference): L(f_s(h_q), f̄_s(h_k)) + L(f_s(h_k), f̄_s(h_q)), both terms in
+    one forward of 2B.  Shape: h_q, h_k [B, ...]; negatives [K, D] or [B, K, D];
+    keys [2B, D] (symmetric) or [B, D].
+    """
+    if symmetric:
+        q = F.normalize(server(torch.cat([h_q, h_k.detach()])), dim=1)  # [2B, D]
+        with torch.no_grad():
+            k = F.normalize(server_target(torch.cat([h_k, h_q.detach()])), dim=1)  # [2B, D]
+        if negatives.dim() == 3:
+            negatives = torch.cat([negatives, negatives])
+        # Mean over each half summed = 2 x mean over both halves.
+        return 2.0 * info_nce(q, k, negatives, temperature), k
+    q = F.normalize(server(h_q), dim=1)
+    with torch.no_grad():
+        k = F.normalize(server_target(h_k), dim=1)
+    return info_nce(q, k, negatives, temperature), k
+
+
+class MocoSFLTrainer:
+    """Simulates N clients + one server on one machine; ``run`` trains, ``state_dict`` checkpoints."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        train_x: np.ndarray,
+        shards: list[np.ndarray],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        knn: KnnData | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.train_x = train_x
+        self.shards = shards
+        self.shard_sizes = np.array([len(s) for s in shards])
+        self.plan = resolve_plan(cfg, self.shard_sizes)
+        self.knn = knn
+        self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
+        self.mean, self.std = mean, std
+
+        torch.manual_seed(cfg.seed)
+        m = cfg.model
+        self.client_module, self.server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim,
+                                                            m.proj_dim, m.gn_groups)
+        self.client_module.to(self.device)
+        self.server.to(self.device)
+        self.server_target = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim,
+                                               m.gn_groups)[1].to(self.device)
+        self.server_target.load_state_dict(self.server.state_dict())
+        self.server_target.requires_grad_(False)
+        self.optimizer = torch.optim.SGD(self.server.parameters(), lr=cfg.pretrain.lr,
+                                         momentum=cfg.pretrain.momentum, weight_decay=cfg.pretrain.weight_decay)
+
+        self.global_params = C.module_params(self.client_module)
+        self.global_target = {k: v.clone() for k, v in self.global_params.items()}
+        n = self.plan.num_clients
+        self.momentum_bank = C.ClientStateBank(self.global_params, n) if cfg.sfl.stateful_clients else None
+        self.target_bank = (None if cfg.sfl.sync_targets
+                            else C.ClientStateBank(self.global_params, n, fill="copy"))
+
+        queue_gen = _torch_gen(cfg.seed, 7)
+        dim = m.proj_dim
+        if cfg.moco.feature_sharing:
+            self.queue: KeyQueue | PerClientQueue = KeyQueue(cfg.moco.queue_size, dim, queue_gen, self.device)
+        else:
+            # Without sharing each client contrasts against its own past keys; the K budget is
+            # split over the participants so a step sees as many negatives in total.
+            per_client = max(1, cfg.moco.queue_size // self.plan.clients_per_round)
+            self.queue = PerClientQueue(n, per_client, dim, queue_gen, self.device)
+
+        self.step = 0
+        self.round_ids: torch.Tensor | None = None  # participants of the open round
+        self.p: C.Params = {}
+        self.t: C.Params = {}
+        self.mom: C.Params = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.train_seconds = 0.0
+        self.last_sync_seconds = 0.0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ rounds
+
+    def _round_data(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each participant's shard in a fresh random order: flat array, offsets, lengths."""
+        ids = self.round_ids.cpu().numpy()  # type: ignore[union-attr]
+        rng = _rng(self.cfg.seed, 2, r)
+        perms = [self.shards[i][rng.permutation(len(self.shards[i]))] for i in ids]
+        lens = np.array([len(p) for p in perms])
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        return np.concatenate(perms), offsets, lens
+
+    def begin_round(self, r: int) -> None:
+        plan = self.plan
+        if plan.clients_per_round < plan.num_clients:
+            ids = np.sort(_rng(self.cfg.seed, 1, r).choice(plan.num_clients, plan.clients_per_round, replace=False))
+        else:
+            ids = np.arange(plan.num_clients)
+        self.round_ids = torch.from_numpy(ids).long()
+        m = len(ids)
+        self.p = {k: v.requires_grad_(True) for k, v in C.stack(self.global_params, m).items()}
+        self.t = self.target_bank.gather(self.round_ids) if self.target_bank else C.stack(self.global_target, m)
+        self.mom = self.momentum_bank.gather(self.round_ids) if self.momentum_bank else C.zeros_like(self.p)
+        self._data = self._round_data(r)
+        self.bytes_down += m * C.nbytes(self.global_params) * (2 if self.target_bank is None else 1)
+
+    def end_round(self) -> None:
+        """Sync: FedAvg the participants' models (and targets) and load into every client."""
+        assert self.round_ids is not None
+        ids = self.round_ids
+        m = len(ids)
+        if self.cfg.sfl.fedavg_weights == "shard_size":
+            weights = torch.from_numpy(self.shard_sizes[ids.numpy()]).double()
+        else:
+            weights = torch.ones(m, dtype=torch.float64)  # every participant saw b * steps samples
+        self.global_params = C.fedavg(self.p, weights)
+        self.bytes_up += m * C.nbytes(self.global_params)
+        if self.target_bank is None:
+            self.global_target = C.fedavg(self.t, weights)
+            self.bytes_up += m * C.nbytes(self.global_target)
+        else:
+            self.target_bank.scatter(ids, self.t)
+        if self.momentum_bank is not None:
+            self.momentum_bank.scatter(ids, self.mom)
+        self.round_ids = None
+        self.p, self.t, self.mom = {}, {}, {}
+
+    def current_client_params(self) -> C.Params:
+        """What a sync right now would produce (the global model between rounds)."""
+        if self.round_ids is None:
+            return self.global_params
+        return C.fedavg({k: v.detach() for k, v in self.p.items()}, torch.ones(len(self.round_ids)))
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> float:
+        plan, cfg = self.plan, self.cfg
+        assert self.round_ids is not None
+        t_in_round = self.step % plan.sync_period
+        m, b = len(self.round_ids), plan.client_batch_size
+        flat, offsets, lens = self._data
+        pos = (t_in_round * b + np.arange(b))[None, :] % lens[:, None]  # [M, b]
+        idx = flat[offsets[:, None] + pos].reshape(-1)  # [M*b]
+        images = torch.from_numpy(np.ascontiguousarray(self.train_x[idx])).to(self.device)
+        view1, view2 = self.augment.two_views(images, _torch_gen(cfg.seed, 3, self.step))
+        view1 = view1.view(m, b, *view1.shape[1:])  # [M, b, 3, S, S]
+        view2 = view2.view(m, b, *view2.shape[1:])
+
+        # Clients: online forward keeps its graph, target forward does not.
+        h_q = C.batched_forward(self.client_module, self.p, view1)  # [M, b, C', H', W']
+        with torch.no_grad():
+            h_k = C.batched_forward(self.client_module, self.t, view2)
+        # Vector concatenation: the server sees one batch of B = M*b smashed samples.
+        smashed_q = h_q.detach().flatten(0, 1).requires_grad_(True)  # [B, C', H', W']
+        smashed_k = h_k.flatten(0, 1)
+        self.bytes_up += smashed_q.numel() * smashed_q.element_size() * 2
+
+        client_of_sample = self.round_ids.repeat_interleave(b).to(self.device)
+        if isinstance(self.queue, KeyQueue):
+            negatives = self.queue.keys.clone()
+        else:
+            negatives = self.queue.negatives(client_of_sample)
+        lr = cosine_lr(cfg.pretrain.lr, self.step, plan.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, keys = moco_loss(self.server, self.server_target, smashed_q, smashed_k, negatives,
+                               cfg.moco.temperature, cfg.moco.symmetric)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept — "
+                "lower pretrain.lr or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+        # The server returns each client its slice of dloss/dh_q; clients backprop locally.
+        grad = smashed_q.grad.view_as(h_q)  # type: ignore[union-attr]
+        self.bytes_down += grad.numel() * grad.element_size()
+        names = list(self.p)
+        grads = torch.autograd.grad(h_q, [self.p[k] for k in names], grad)
+        C.sgd_step(self.p, dict(zip(names, grads, strict=True)), self.mom, lr,
+                   cfg.pretrain.momentum, cfg.pretrain.weight_decay)
+
+        tau = cfg.moco.ema
+        ema_update_module(self.server_target, self.server, tau)
+        C.ema_update(self.t, self.p, tau)
+        if isinstance(self.queue, KeyQueue):
+            self.queue.enqueue(keys)
+        else:
+            per_client = keys.view(-1, m, b, keys.shape[-1]).transpose(0, 1).reshape(m, -1, keys.shape[-1])
+            self.queue.enqueue(self.round_ids.to(self.device), per_client)  # [M, terms*b, D]
+        return loss.item()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def encoder(self) -> Encoder:
+        """The current encoder (client global model + server backbone) as a plain module."""
+        m = self.cfg.model
+        client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+        client.load_state_dict({k: v.detach().clone() for k, v in self.current_client_params().items()})
+        return Encoder(client.to(self.device), copy.deepcopy(self.server.backbone)).eval()
+
+    def knn_monitor(self) -> float | None:
+        if self.knn is None:
+            return None
+        enc = self.encoder()
+        kw: dict[str, Any] = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size,
+                                  batch_size=self.cfg.evaluate.batch_size, device=self.device)
+        bank = extract_features(enc, self.knn.bank_x, **kw)
+        test = extract_features(enc, self.knn.test_x, **kw)
+        e = self.cfg.evaluate
+        return knn_top1(bank, self.knn.bank_y, test, self.knn.test_y, self.knn.num_classes, e.knn_k,
+                        e.knn_temperature)
+
+    # ------------------------------------------------------------------ the loop
+
+    def advance(self) -> float:
+        """One step, opening a round before it and syncing after it when due."""
+        plan = self.plan
+        t0 = time.perf_counter()
+        if self.round_ids is None:
+            self.begin_round(self.step // plan.sync_period)
+        loss = self.train_step()
+        self.step += 1
+        if self.step % plan.sync_period == 0 or self.step == plan.total_steps:
+            t_sync = time.perf_counter()
+            self.end_round()
+            self.last_sync_seconds = time.perf_counter() - t_sync
+        self.train_seconds += time.perf_counter() - t0
+        return loss
+
+    def run(
+        self,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+        on_checkpoint: Callable[[MocoSFLTrainer], None] | None = None,
+    ) -> None:
+        """Train from ``self.step`` to the plan's last step."""
+        plan, pc = self.plan, self.cfg.pretrain
+        log_every = max(1, min(pc.knn_every, plan.steps_per_epoch))
+        losses: list[float] = []
+        window_start = time.perf_counter()
+        while self.step < plan.total_steps:
+            loss = self.advance()
+            losses.append(loss)
+            row: dict[str, float] = {"step": self.step, "loss": loss}
+            if self.step % log_every == 0 or self.step == plan.total_steps:
+                elapsed = time.perf_counter() - window_start
+                row.update(epoch=self.step / plan.steps_per_epoch, loss_mean=float(np.mean(losses)),
+                           lr=cosine_lr(pc.lr, self.step - 1, plan.total_steps),
+                           steps_per_s=len(losses) / max(elapsed, 1e-9),
+                           bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients)
+                if self.step % pc.knn_every == 0 or self.step == plan.total_steps:
+                    knn = self.knn_monitor()
+                    if knn is not None:
+                        row["knn_top1"] = knn
+                self.history.append({k: float(v) for k, v in row.items() if k != "loss"})
+                losses = []
+                window_start = time.perf_counter()
+            if on_step:
+                on_step(row)
+            if on_checkpoint and (self.step % pc.checkpoint_every == 0 or self.step == plan.total_steps):
+                on_checkpoint(self)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "server": self.server.state_dict(),
+            "server_target": self.server_target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_params": self.global_params,
+            "global_target": self.global_target,
+            "queue": self.queue.state(),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+        }
+        if self.round_ids is not None:
+            state["round"] = {"ids": self.round_ids, "p": {k: v.detach() for k, v in self.p.items()},
+                              "t": self.t, "mom": self.mom}
+        if self.momentum_bank is not None:
+            state["momentum_bank"] = self.momentum_bank.tensors
+        if self.target_bank is not None:
+            state["target_bank"] = self.target_bank.tensors
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.server.load_state_dict(state["server"])
+        self.server_target.load_state_dict(state["server_target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_params = state["global_params"]
+        self.global_target = state["global_target"]
+        self.queue.load(state["queue"])
+        self.bytes_up = int(state["bytes_up"])
+        self.bytes_down = int(state["bytes_down"])
+        self.train_seconds = float(state["train_seconds"])
+        self.history = list(state["history"])
+        if self.momentum_bank is not None:
+            self.momentum_bank.tensors = state["momentum_bank"]
+        if self.target_bank is not None:
+            self.target_bank.tensors = state["target_bank"]
+        if "round" in state:
+            rnd = state["round"]
+            self.round_ids = rnd["ids"]
+            self.p = {k: v.clone().requires_grad_(True) for k, v in rnd["p"].items()}
+            self.t, self.mom = rnd["t"], rnd["mom"]
+            self._data = self._round_data(self.step // self.plan.sync_period)
+        else:
+            self.round_ids = None
+
+    def summary(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "steps": self.step,
+            "total_steps": plan.total_steps,
+            "epochs": self.step / plan.steps_per_epoch,
+            "images_seen": self.step * plan.batch_size,
+            "num_clients": plan.num_clients,
+            "clients_per_round": plan.clients_per_round,
+            "client_batch_size": plan.client_batch_size,
+            "batch_size": plan.batch_size,
+            "sync_period": plan.sync_period,
+            "client_params": count_params(self.client_module),
+            "server_params": count_params(self.server),
+            "bytes_up_total": self.bytes_up,
+            "bytes_down_total": self.bytes_down,
+            "bytes_per_client": (self.bytes_up + self.bytes_down) / plan.num_clients,
+            "train_seconds": self.train_seconds,
+            "steps_per_s": self.step / self.train_seconds if self.train_seconds else 0.0,
+        }

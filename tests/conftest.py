@@ -1,0 +1,50 @@
+"""Shared fixtures: the real CIFAR-10 archive prepared once per session into a temp folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+ARCHIVE = (ROOT / "../shared/data/cifar10-jpeg.tar.gz").resolve()
+
+os.environ.setdefault("MOCOSFL_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mocosfl")
+
+
+@pytest.fixture(scope="session")
+def base_overrides(workdir: Path) -> list[str]:
+    """--set values that keep every generated file of the test profile under a temp folder."""
+    if not ARCHIVE.exists():
+        pytest.skip(f"CIFAR-10 archive not found at {ARCHIVE}")
+    return [
+        f"data.prepared_dir={workdir / 'prepared'}",
+        f"partition.out_dir={workdir / 'partitions'}",
+        f"pretrain.runs_dir={workdir / 'runs'}",
+        f"metrics_dir={workdir / 'metrics'}",
+        "pretrain.num_threads=2",
+    ]
+
+
+def cli_args(command: str, overrides: list[str], *extra: str, profile: str = "test") -> list[str]:
+    args = [command, "--params", str(PARAMS), "--profile", profile]
+    for o in overrides:
+        args += ["--set", o]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="session")
+def prepared(base_overrides: list[str]) -> list[str]:
+    """Prepare + partition the test profile once; returns the overrides to reuse them."""
+    from mocosfl.cli import main
+
+    assert main(cli_args("prepare", base_overrides)) == 0
+    assert main(cli_args("partition", base_overrides)) == 0
+    return base_overrides
