@@ -175,6 +175,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r} is invalid: expected a number")
     if tp is str:
         if isinstance(value, str):
@@ -205,7 +210,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], key + ".")
+            kwargs[name] = _build(tp, raw[name], key + ".")  # type: ignore[arg-type]
         else:
             kwargs[name] = _check_type(key, raw[name], tp)
     return cls(**kwargs)

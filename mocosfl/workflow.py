@@ -208,8 +208,10 @@ def pretrain(
     if on_start:
         on_start(trainer, directory)
     wall0 = time.perf_counter()
-    trainer.run(on_step=on_step,
-                on_checkpoint=lambda t: save_checkpoint(directory, t.state_dict(), cfg.pretrain.keep_checkpoints))
+    def checkpoint(t: MocoSFLTrainer) -> None:
+        save_checkpoint(directory, t.state_dict(), cfg.pretrain.keep_checkpoints)
+
+    trainer.run(on_step=on_step, on_checkpoint=checkpoint)
     torch.save(encoder_payload(trainer), directory / ".encoder.pt.tmp")
     os.replace(directory / ".encoder.pt.tmp", directory / "encoder.pt")
 
@@ -251,7 +253,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     enc = Encoder(client, server.backbone)
     enc.client.load_state_dict(payload["client"])
     enc.backbone.load_state_dict(payload["backbone"])
-    enc.preprocess = {k: payload[k] for k in ("image_size", "mean", "std")}  # type: ignore[assignment]
+    enc.preprocess = {k: payload[k] for k in ("image_size", "mean", "std")}
     return enc.to(device).eval().requires_grad_(False)
 
 
@@ -259,6 +261,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """kNN and linear probe of the encoder this config trained (or of a random one)."""
     ds = Dataset(cfg)
     device = resolve_device(cfg.device)
+    torch.set_flush_denormal(True)  # subnormals slow CPU convolutions ~10x
     if cfg.evaluate.encoder == "random":
         torch.manual_seed(cfg.seed)
         m = cfg.model
@@ -309,8 +312,8 @@ def embed(encoder_path: str | Path, source: str | Path, output: str | Path, imag
 
     dev = resolve_device(device)
     enc = load_encoder(encoder_path, dev)
-    pre = enc.preprocess  # type: ignore[attr-defined]
-    size = image_size or pre["image_size"]
+    pre = enc.preprocess
+    size = int(image_size or pre["image_size"])
     with tempfile.TemporaryDirectory() as tmp:
         folder = prepare_dataset(source, tmp, size)
         data = load_prepared(source, tmp, size)
@@ -327,7 +330,7 @@ def embed(encoder_path: str | Path, source: str | Path, output: str | Path, imag
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp_out, **arrays)
+    np.savez(tmp_out, **arrays)  # type: ignore[arg-type]
     os.replace(tmp_out, out)
     return {"output": str(out), "train": len(arrays["train_labels"]), "test": len(arrays["test_labels"]),
             "feature_dim": int(arrays["train_features"].shape[1])}

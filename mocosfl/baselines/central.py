@@ -24,6 +24,7 @@ class CentralMoco:
         self.batch_size = batch_size
         self.total_steps = total_steps
         self.device = torch.device(device)
+        torch.set_flush_denormal(True)  # as in MocoSFLTrainer: subnormals slow CPU convolutions ~10x
         torch.manual_seed(cfg.seed)
         m = cfg.model
         client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)

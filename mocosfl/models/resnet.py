@@ -6,6 +6,8 @@ across clients would leak; Weight Standardization keeps GroupNorm nets trainable
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,10 +131,13 @@ def build_split_model(
 class Encoder(nn.Module):
     """Client model followed by the server backbone: images -> [B, 8*width] features."""
 
+    preprocess: dict[str, Any]  # image_size, mean, std the encoder was trained with
+
     def __init__(self, client: nn.Module, backbone: nn.Module):
         super().__init__()
         self.client = client
         self.backbone = backbone
+        self.preprocess = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.client(x))

@@ -1,0 +1,390 @@
+"""Tests for MocoSFLTrainer on tiny synthetic images: split training == end-to-end training, rounds and FedAvg,
+client state options, determinism, exact resume through a weights_only checkpoint, and divergence."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mocosfl.config import Config, load_config
+from mocosfl.data.partition import partition_indices
+from mocosfl.eval.knn import extract_features
+from mocosfl.sfl import clients as C
+from mocosfl.sfl.server import KeyQueue, PerClientQueue
+from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainingDiverged, moco_loss
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+N_IMG, SIZE, N = 200, 16, 8
+IMAGES = np.random.default_rng(0).integers(0, 256, (N_IMG, SIZE, SIZE, 3), dtype=np.uint8)
+LABELS = np.repeat(np.arange(10), N_IMG // 10)
+SHARDS = partition_indices(LABELS, "noniid-shards", N, seed=0)  # 8 clients x 24 images
+# Unequal shards, for shard_size weighting.
+UNEQUAL = np.split(np.arange(N_IMG), np.cumsum([10, 15, 20, 25, 30, 30, 35]))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cfg(**over) -> Config:
+    # test profile: width 8, proj 64 -> 32, b = 2, sync_period 3, queue 128, 8 steps.
+    base = {"data.image_size": SIZE, "partition.num_clients": N}
+    return load_config(PARAMS, "test").replace(**{**base, **over})
+
+
+def make(shards: list[np.ndarray] = SHARDS, knn: KnnData | None = None, **over) -> MocoSFLTrainer:
+    return MocoSFLTrainer(make_cfg(**over), IMAGES, shards, MEAN, STD, knn=knn)
+
+
+def clone(params: C.Params) -> C.Params:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def spy_end_round(tr: MocoSFLTrainer, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record the participants' state just before each sync."""
+    seen: list[dict] = []
+    original = tr.end_round
+
+    def spy() -> None:
+        seen.append({"ids": tr.round_ids.clone(), "p": clone(tr.p), "t": clone(tr.t), "mom": clone(tr.mom)})
+        original()
+
+    monkeypatch.setattr(tr, "end_round", spy)
+    return seen
+
+
+TIMING_KEYS = {"train_seconds", "steps_per_s"}  # wall-clock, legitimately differ between runs
+
+
+def assert_state_equal(a, b, path: str = "") -> None:
+    """Bit-identical nested checkpoint dicts (tensors compared exactly, timings skipped)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in set(a) - TIMING_KEYS:
+            assert_state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_runs_with_finite_losses() -> None:
+    tr = make()
+    assert (tr.plan.clients_per_round, tr.plan.client_batch_size, tr.plan.total_steps) == (8, 2, 8)
+    rows: list[dict] = []
+    tr.run(on_step=rows.append)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert tr.step == 8 and tr.round_ids is None
+    assert tr.history and tr.history[-1]["step"] == 8
+    s = tr.summary()
+    assert s["images_seen"] == 8 * 16 and s["client_params"] == C.nbytes(tr.global_params) // 4
+
+
+def test_training_changes_all_models() -> None:
+    tr = make(**{"pretrain.steps": 3})
+    server0, client0 = copy.deepcopy(tr.server.state_dict()), clone(tr.global_params)
+    tr.run()
+    assert any(not torch.equal(v, server0[k]) for k, v in tr.server.state_dict().items())
+    assert all(not torch.equal(v, client0[k]) for k, v in tr.global_params.items())
+    assert all(not torch.equal(v, client0[k]) for k, v in tr.global_target.items())
+
+
+def test_deterministic_given_seed() -> None:
+    a, b = make(), make()
+    la = [a.advance() for _ in range(5)]
+    lb = [b.advance() for _ in range(5)]
+    assert la == lb
+    assert_state_equal(a.state_dict(), b.state_dict())
+    c = make(seed=1)
+    assert [c.advance() for _ in range(5)] != la
+
+
+def test_each_client_trains_on_its_own_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**{"sfl.clients_per_round": 3})
+    seen = []
+    original = tr.augment.two_views
+
+    def spy(images, generator):
+        seen.append(images.clone())
+        return original(images, generator)
+
+    monkeypatch.setattr(tr.augment, "two_views", spy)
+    tr.advance()
+    ids = tr.round_ids.tolist()
+    assert len(ids) == 3 and seen[0].shape == (3 * 2, SIZE, SIZE, 3)
+    for i, c in enumerate(ids):
+        shard_images = torch.from_numpy(IMAGES[SHARDS[c]])
+        for img in seen[0][2 * i: 2 * i + 2]:
+            assert (shard_images == img).flatten(1).all(dim=1).any()
+
+
+# ---------------------------------------------------------------- split step == end-to-end step
+
+
+def test_two_split_steps_equal_end_to_end_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-client plain modules, backprop straight through server + client, torch SGD everywhere."""
+    over = {"sfl.clients_per_round": 4, "pretrain.steps": 10, "moco.ema": 0.9}
+    tr = make(**over)
+    cfg = tr.cfg
+    views = []
+    original = tr.augment.two_views
+
+    def spy(images, generator):
+        v = original(images, generator)
+        views.append(v)
+        return v
+
+    monkeypatch.setattr(tr.augment, "two_views", spy)
+
+    # Reference state, copied before any step.
+    clients = []
+    template = copy.deepcopy(tr.client_module)
+    template.load_state_dict(tr.global_params)
+    server, server_t = copy.deepcopy(tr.server), copy.deepcopy(tr.server_target)
+    queue = copy.deepcopy(tr.queue)
+    pc = cfg.pretrain
+    server_opt = torch.optim.SGD(server.parameters(), lr=pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay)
+
+    for step in range(2):
+        loss = tr.advance()
+        m, b = 4, 2
+        if step == 0:
+            clients = [copy.deepcopy(template) for _ in range(m)]
+            targets = [copy.deepcopy(template).requires_grad_(False) for _ in range(m)]
+            opts = [torch.optim.SGD(c.parameters(), lr=pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay)
+                    for c in clients]
+        v1, v2 = (v.view(m, b, 3, SIZE, SIZE) for v in views[step])
+        h_q = torch.cat([clients[i](v1[i]) for i in range(m)])
+        with torch.no_grad():
+            h_k = torch.cat([targets[i](v2[i]) for i in range(m)])
+        ref_loss, keys = moco_loss(server, server_t, h_q, h_k, queue.keys.clone(), cfg.moco.temperature, True)
+        lr = pc.lr * 0.5 * (1 + math.cos(math.pi * step / 10))
+        for opt in [server_opt, *opts]:
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+        ref_loss.backward()
+        for opt in [server_opt, *opts]:
+            opt.step()
+        with torch.no_grad():
+            for t, o in zip(server_t.parameters(), server.parameters(), strict=True):
+                t.mul_(0.9).add_(0.1 * o)
+            for tm, cm in zip(targets, clients, strict=True):
+                for t, o in zip(tm.parameters(), cm.parameters(), strict=True):
+                    t.mul_(0.9).add_(0.1 * o)
+        queue.enqueue(keys)
+
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        for name, p in server.named_parameters():
+            torch.testing.assert_close(dict(tr.server.named_parameters())[name], p, rtol=1e-4, atol=1e-5)
+        for i in range(m):
+            for name, p in clients[i].named_parameters():
+                torch.testing.assert_close(tr.p[name][i].detach(), p.detach(), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(tr.t[name][i], dict(targets[i].named_parameters())[name],
+                                           rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tr.queue.keys, queue.keys, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- rounds and FedAvg
+
+
+def test_sync_averages_participants_and_loads_everyone(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**{"sfl.clients_per_round": 4})
+    seen = spy_end_round(tr, monkeypatch)
+    for _ in range(3):
+        tr.advance()
+    assert len(seen) == 1 and tr.round_ids is None
+    p, t = seen[0]["p"], seen[0]["t"]
+    assert not torch.equal(p["0.0.weight"][0], p["0.0.weight"][1])  # participants had drifted apart
+    for name in p:
+        torch.testing.assert_close(tr.global_params[name], p[name].mean(dim=0), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(tr.global_target[name], t[name].mean(dim=0), rtol=1e-6, atol=1e-7)
+    tr.begin_round(1)
+    assert not torch.equal(tr.round_ids, seen[0]["ids"])  # re-sampled
+    for name, v in tr.p.items():
+        for i in range(len(tr.round_ids)):
+            assert torch.equal(v[i].detach(), tr.global_params[name])
+            assert torch.equal(tr.t[name][i], tr.global_target[name])
+            assert not tr.mom[name][i].any()  # stateless clients
+
+
+def test_sync_weights_by_shard_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(shards=UNEQUAL, **{"sfl.fedavg_weights": "shard_size"})
+    seen = spy_end_round(tr, monkeypatch)
+    for _ in range(3):
+        tr.advance()
+    w = np.array([len(s) for s in UNEQUAL], dtype=np.float64)
+    w /= w.sum()
+    for name, v in seen[0]["p"].items():
+        expected = sum(float(w[i]) * v[i].double() for i in range(N)).float()
+        torch.testing.assert_close(tr.global_params[name], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_mid_round_client_params_are_what_a_sync_would_give() -> None:
+    # current_client_params() feeds encoder() and the kNN monitor between syncs.
+    tr = make(shards=UNEQUAL, **{"sfl.fedavg_weights": "shard_size"})
+    tr.advance()
+    assert tr.round_ids is not None
+    now = clone(tr.current_client_params())
+    tr.end_round()
+    for name, v in tr.global_params.items():
+        torch.testing.assert_close(now[name], v, rtol=1e-6, atol=1e-7)
+
+
+def test_last_round_may_be_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**{"pretrain.steps": 4})
+    seen = spy_end_round(tr, monkeypatch)
+    tr.run()
+    assert len(seen) == 2 and tr.round_ids is None and tr.step == 4
+
+
+def test_unsynced_targets_stay_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**{"sfl.clients_per_round": 4, "sfl.sync_targets": False})
+    init = clone(tr.global_params)
+    seen = spy_end_round(tr, monkeypatch)
+    for _ in range(3):
+        tr.advance()
+    ids, t = seen[0]["ids"], seen[0]["t"]
+    others = [i for i in range(N) if i not in ids.tolist()]
+    bank = tr.target_bank.tensors
+    for name in init:
+        assert torch.equal(bank[name][ids], t[name])
+        assert not torch.equal(bank[name][ids[0]], bank[name][ids[1]])
+        for i in others:
+            assert torch.equal(bank[name][i], init[name])
+        assert torch.equal(tr.global_target[name], init[name])  # never averaged
+    # The next round's participants start from their own targets.
+    tr.begin_round(1)
+    for name in init:
+        assert torch.equal(tr.t[name], bank[name][tr.round_ids])
+
+
+def test_stateful_clients_keep_momentum(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**{"sfl.clients_per_round": 4, "sfl.stateful_clients": True})
+    seen = spy_end_round(tr, monkeypatch)
+    for _ in range(3):
+        tr.advance()
+    ids = seen[0]["ids"]
+    others = [i for i in range(N) if i not in ids.tolist()]
+    bank = tr.momentum_bank.tensors
+    for name, v in bank.items():
+        assert torch.equal(v[ids], seen[0]["mom"][name])
+        assert all(v[i].abs().sum() > 0 for i in ids)
+        assert not v[others].any()
+    tr.begin_round(1)
+    for name in bank:
+        assert torch.equal(tr.mom[name], bank[name][tr.round_ids])
+    assert any(tr.mom[name].any() for name in bank)  # some of round 1's clients were in round 0
+
+
+def test_stateless_clients_have_no_bank() -> None:
+    tr = make()
+    assert tr.momentum_bank is None and tr.target_bank is None
+    assert isinstance(tr.queue, KeyQueue)
+
+
+def test_without_feature_sharing_each_client_has_its_own_queue() -> None:
+    tr = make(**{"sfl.clients_per_round": 4, "moco.feature_sharing": False})
+    assert isinstance(tr.queue, PerClientQueue)
+    assert tr.queue.keys.shape == (N, 128 // 4, 32)
+    init = tr.queue.keys.clone()
+    losses = [tr.advance() for _ in range(2)]
+    assert all(math.isfinite(x) for x in losses)
+    ids = tr.round_ids
+    others = [i for i in range(N) if i not in ids.tolist()]
+    # Two steps x (2 loss terms x b = 2) keys per participant.
+    assert tr.queue.ptr[ids].tolist() == [8] * 4
+    assert not tr.queue.ptr[others].any()
+    assert torch.equal(tr.queue.keys[others], init[others])
+    assert torch.equal(tr.queue.keys[ids, 8:], init[ids, 8:])
+    assert not torch.isclose(tr.queue.keys[ids, :8], init[ids, :8]).all(dim=-1).any()
+    torch.testing.assert_close(tr.queue.keys[ids, :8].norm(dim=2), torch.ones(4, 8))
+
+
+def test_asymmetric_loss_runs() -> None:
+    tr = make(**{"moco.symmetric": False, "pretrain.steps": 2})
+    ptr0 = tr.queue.ptr
+    assert all(math.isfinite(tr.advance()) for _ in range(2))
+    assert tr.queue.ptr == ptr0 + 2 * 16  # B keys per step, not 2B
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+VARIANTS = {
+    "default": {},
+    "sampled+stateful+unsynced+private-queues": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
+                                                  "sfl.sync_targets": False, "moco.feature_sharing": False},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("stop", [4, 6], ids=["mid-round", "round-boundary"])
+def test_resume_is_bit_identical(variant: str, stop: int) -> None:
+    over = VARIANTS[variant]
+    full = make(**over)
+    full_losses = [full.advance() for _ in range(8)]
+
+    first = make(**over)
+    assert [first.advance() for _ in range(stop)] == full_losses[:stop]
+    assert (first.round_ids is not None) == (stop % 3 != 0)
+    state = roundtrip(first.state_dict())
+    del first
+
+    resumed = make(**over)
+    resumed.load_state_dict(state)
+    assert resumed.step == stop
+    assert [resumed.advance() for _ in range(8 - stop)] == full_losses[stop:]
+    assert_state_equal(resumed.state_dict(), full.state_dict())
+
+
+# ---------------------------------------------------------------- monitor and divergence
+
+
+def test_knn_monitor_and_encoder() -> None:
+    knn = KnnData(IMAGES[:60], torch.from_numpy(LABELS[:60]), IMAGES[60:80], torch.from_numpy(LABELS[60:80]), 10)
+    tr = make(knn=knn, **{"pretrain.steps": 4})
+    tr.run()
+    assert [h["step"] for h in tr.history if "knn_top1" in h] == [4]
+    acc = tr.history[-1]["knn_top1"]
+    assert 0.0 <= acc <= 100.0 and acc == tr.knn_monitor()
+    enc = tr.encoder()
+    for name, v in enc.client.named_parameters():
+        assert torch.equal(v, tr.global_params[name])
+    f = extract_features(enc, IMAGES[:4], MEAN, STD, SIZE)
+    assert f.shape == (4, 8 * 8)
+    assert isinstance(enc.backbone, nn.Module) and enc.backbone is not tr.server.backbone
+
+
+def test_nan_loss_raises_training_diverged() -> None:
+    tr = make(**{"pretrain.lr": 1e30})
+    with pytest.raises(TrainingDiverged, match="lower pretrain.lr"):
+        for _ in range(8):
+            tr.advance()
+    assert tr.step < 8
