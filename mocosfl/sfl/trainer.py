@@ -209,6 +209,7 @@ class MocoSFLTrainer:
         self.bytes_down = 0
         self.train_seconds = 0.0
         self.last_sync_seconds = 0.0
+        self.knn_seconds = 0.0  # kNN monitor time, kept out of train_seconds
         self.history: list[dict[str, float]] = []
         self.window_losses: list[float] = []  # losses since the last history row
 
@@ -385,7 +386,9 @@ class MocoSFLTrainer:
                            steps_per_s=len(self.window_losses) / max(elapsed, 1e-9),
                            bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients)
                 if self.step % pc.knn_every == 0 or self.step == plan.total_steps:
+                    t_knn = time.perf_counter()
                     knn = self.knn_monitor()
+                    self.knn_seconds += time.perf_counter() - t_knn
                     if knn is not None:
                         row["knn_top1"] = knn
                 self.history.append({k: float(v) for k, v in row.items() if k != "loss"})
@@ -410,6 +413,7 @@ class MocoSFLTrainer:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "train_seconds": self.train_seconds,
+            "knn_seconds": self.knn_seconds,
             "history": self.history,
             "window_losses": self.window_losses,
         }
@@ -433,6 +437,7 @@ class MocoSFLTrainer:
         self.bytes_up = int(state["bytes_up"])
         self.bytes_down = int(state["bytes_down"])
         self.train_seconds = float(state["train_seconds"])
+        self.knn_seconds = float(state["knn_seconds"])
         self.history = list(state["history"])
         self.window_losses = list(state["window_losses"])
         if self.momentum_bank is not None:
@@ -466,5 +471,7 @@ class MocoSFLTrainer:
             "bytes_down_total": self.bytes_down,
             "bytes_per_client": (self.bytes_up + self.bytes_down) / plan.num_clients,
             "train_seconds": self.train_seconds,
+            "knn_seconds": self.knn_seconds,
+            "knn_overhead": self.knn_seconds / self.train_seconds if self.train_seconds else 0.0,
             "steps_per_s": self.step / self.train_seconds if self.train_seconds else 0.0,
         }
