@@ -48,3 +48,14 @@ def prepared(base_overrides: list[str]) -> list[str]:
     assert main(cli_args("prepare", base_overrides)) == 0
     assert main(cli_args("partition", base_overrides)) == 0
     return base_overrides
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded, and don't fight other jobs for the 2 cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

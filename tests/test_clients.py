@@ -15,12 +15,7 @@ M, B, WIDTH, SIZE = 4, 2, 4, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:

@@ -9,13 +9,7 @@ import torch
 from mocosfl.eval.knn import extract_features, knn_predict, knn_top1
 from mocosfl.eval.linear import linear_probe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_knn(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, num_classes: int, k: int,

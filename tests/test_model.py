@@ -19,14 +19,7 @@ from mocosfl.models.resnet import (
     resnet18_stages,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two torch threads on two shared cores oversubscribe badly; one is faster and stable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- sizes

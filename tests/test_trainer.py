@@ -30,12 +30,7 @@ SHARDS = partition_indices(LABELS, "noniid-shards", N, seed=0)  # 8 clients x 24
 UNEQUAL = np.split(np.arange(N_IMG), np.cumsum([10, 15, 20, 25, 30, 30, 35]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(**over) -> Config:
