@@ -18,7 +18,7 @@ setup: $(VENV)/.installed  ## create .venv and install mocosfl with its dependen
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[pipeline,dev]'
 	@touch $@
 
 test: setup  ## run the whole test suite (what CI runs)

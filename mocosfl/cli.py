@@ -72,16 +72,39 @@ def cmd_prepare(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"prepared": str(path)}
 
 
+def _tracking(cfg: Any) -> Any:
+    """The MLflow edge (pipelines.tracking) when tracking is on and installed, else None."""
+    if not cfg.tracking.enabled or os.environ.get("MOCOSFL_TRACKING", "1") == "0":
+        return None
+    try:
+        from pipelines import tracking
+    except ImportError as e:
+        print(f"warning: MLflow tracking is on but unavailable ({e}); set tracking.enabled=false "
+              "or run `make setup`", file=sys.stderr)
+        return None
+    return tracking
+
+
 def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from contextlib import ExitStack
+
     from mocosfl import workflow
 
     state: dict[str, Any] = {}
+    tracking = _tracking(cfg)
 
     def on_start(trainer: Any, directory: Path) -> None:
         plan = trainer.plan
         print(f"run {directory} : N={plan.num_clients} M={plan.clients_per_round} b={plan.client_batch_size} "
               f"B={plan.batch_size} steps={plan.total_steps} sync every {plan.sync_period}"
               + (f" (resuming at step {trainer.step})" if trainer.step else ""), file=sys.stderr)
+        if tracking:
+            # A resumed run continues its MLflow run (id kept next to its checkpoints).
+            run = stack.enter_context(tracking.mlflow_run(
+                cfg, f"pretrain-{directory.name}", run_id=tracking.read_run_id(directory),
+                tags={"stage": "pretrain", "run_hash": directory.name}))
+            tracking.write_run_id(directory, run.info.run_id)
+            state["run_id"] = run.info.run_id
         state["bar"] = _progress_bar(plan.total_steps, "pretrain")
         state["bar"].update(trainer.step)
 
@@ -94,13 +117,30 @@ def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         if "knn" in state:
             post["knn"] = f"{state['knn']:.1f}"
         bar.set_postfix(post, refresh=False)
+        if tracking and "epoch" in row:
+            tracking.log_row(row)
 
-    result = workflow.pretrain(cfg, on_step=on_step, on_start=on_start)
-    if "bar" in state:
-        state["bar"].close()
-    else:
-        print(f"run {result['run_dir']} already finished; nothing to do", file=sys.stderr)
+    with ExitStack() as stack:
+        result = workflow.pretrain(cfg, on_step=on_step, on_start=on_start)
+        if "bar" in state:
+            state["bar"].close()
+        else:
+            print(f"run {result['run_dir']} already finished; nothing to do", file=sys.stderr)
+        if tracking and "run_id" in state:
+            tracking.log_pretrain_result(cfg, result)
+    if tracking:
+        result["mlflow_run_id"] = tracking.read_run_id(result["run_dir"])
     return {k: v for k, v in result.items() if k != "history"}
+
+
+def cmd_evaluate(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mocosfl import workflow
+
+    result = workflow.evaluate(cfg, log=lambda s: print(s, file=sys.stderr))
+    tracking = _tracking(cfg)
+    if tracking:
+        result["mlflow_run_id"] = tracking.log_evaluation(cfg, result)
+    return result
 
 
 def cmd_bench(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "prepare": cmd_prepare,
             "partition": lambda c, a: workflow.partition(c),
             "pretrain": cmd_pretrain,
-            "evaluate": lambda c, a: workflow.evaluate(c, log=lambda s: print(s, file=sys.stderr)),
+            "evaluate": cmd_evaluate,
             "bench": cmd_bench,
             "embed": cmd_embed,
         }

@@ -108,6 +108,35 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "mocosfl"
+    db: str = "mlflow.db"  # SQLite store (absolute URI built from it) unless MLFLOW_TRACKING_URI is set
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    n_trials: int = 20
+    steps: int = 300  # pretrain steps per trial
+    knn_every: int = 50  # kNN reported to the pruner this often
+    sync_period_min: int = 1
+    sync_period_max: int = 500
+    queue_size_min: int = 256
+    queue_size_max: int = 16384
+    pruner: Literal["median", "hyperband", "threshold", "none"] = "median"
+    threshold_knn: float = 0.0  # threshold pruner: prune a trial whose kNN top-1 is below this
+    study_name: str = "mocosfl"
+    storage: str = "optuna.db"
+    out_dir: str = "tune"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out_dir: str = "reports"
+    mlflow_ui: str = "http://127.0.0.1:5000"
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str = "default"
     seed: int = 0
@@ -121,6 +150,9 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,7 +170,8 @@ PATH_KEYS = {"profile", "data.source", "data.prepared_dir", "partition.out_dir",
              "pretrain.runs_dir", "metrics_dir", "device", "pretrain.num_threads",
              "pretrain.checkpoint_every", "pretrain.keep_checkpoints"}
 _PATH_FIELDS = {"data.source", "data.prepared_dir", "partition.out_dir",
-                "pretrain.runs_dir", "metrics_dir"}
+                "pretrain.runs_dir", "metrics_dir", "tracking.db", "tune.storage", "tune.out_dir",
+                "report.out_dir"}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -230,7 +263,9 @@ def validate(cfg: Config) -> Config:
                 "pretrain.knn_bank_size", "pretrain.knn_test_size", "pretrain.checkpoint_every",
                 "pretrain.keep_checkpoints", "pretrain.num_threads", "evaluate.knn_k",
                 "evaluate.linear_epochs", "evaluate.linear_batch_size", "evaluate.batch_size",
-                "bench.steps", "data.train_limit", "data.test_limit"]:
+                "bench.steps", "data.train_limit", "data.test_limit", "tune.n_trials", "tune.steps",
+                "tune.knn_every", "tune.sync_period_min", "tune.sync_period_max", "tune.queue_size_min",
+                "tune.queue_size_max"]:
         _positive(key, get_dotted(cfg, key))
     _positive("bench.warmup", cfg.bench.warmup, 0)
     for key in ["partition.dirichlet_alpha", "moco.temperature", "pretrain.lr",
@@ -245,6 +280,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"pretrain.weight_decay={cfg.pretrain.weight_decay!r} is invalid: must be >= 0")
     if not 0 < cfg.evaluate.val_fraction < 1:
         raise ConfigError(f"evaluate.val_fraction={cfg.evaluate.val_fraction!r} is invalid: must be in (0, 1)")
+    t = cfg.tune
+    if t.sync_period_min > t.sync_period_max or t.queue_size_min > t.queue_size_max:
+        raise ConfigError("tune: each *_min must be <= its *_max")
     return cfg
 
 

@@ -121,9 +121,13 @@ def load_partition(cfg: Config, ds: Dataset) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- pretrain
 
+def data_hash(ds: Dataset, shards_file: Path) -> str:
+    """Identity of the data a run trains on: the prepared labels/shape plus the shard index."""
+    return ds.fingerprint() + hashlib.sha256(shards_file.read_bytes()).hexdigest()[:16]
+
+
 def run_dir(cfg: Config, ds: Dataset, shards_file: Path) -> Path:
-    digest = hashlib.sha256(shards_file.read_bytes()).hexdigest()[:16]
-    return Path(cfg.pretrain.runs_dir) / config_hash(cfg, PRETRAIN_SECTIONS, ds.fingerprint() + digest)
+    return Path(cfg.pretrain.runs_dir) / config_hash(cfg, PRETRAIN_SECTIONS, data_hash(ds, shards_file))
 
 
 def _checkpoints(directory: Path) -> list[Path]:
@@ -220,6 +224,7 @@ def pretrain(
     result.update(
         run_dir=str(directory),
         run_id=directory.name,
+        data_hash=data_hash(ds, shards_path(cfg)),
         resumed_from_step=start_step,
         wall_seconds_this_session=time.perf_counter() - wall0,
         final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,

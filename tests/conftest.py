@@ -12,6 +12,8 @@ PARAMS = ROOT / "params.yaml"
 ARCHIVE = (ROOT / "../shared/data/cifar10-jpeg.tar.gz").resolve()
 
 os.environ.setdefault("MOCOSFL_NO_PROGRESS", "1")
+# Library/CLI tests don't log to MLflow; the pipeline tests turn it on against a temp store.
+os.environ.setdefault("MOCOSFL_TRACKING", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""MLOps edge of mocosfl: MLflow tracking, Prefect flows, Optuna tuning and the report."""
