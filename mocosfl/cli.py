@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench": "time the simulation against centralized MoCo (last line: JSON)",
         "config": "print the resolved configuration",
         "embed": "write encoder features of an ImageFolder to .npz",
+        "tune": "Optuna study over sync period and queue size (writes metrics/tune.json)",
+        "report": "write reports/report.md (+ .html, PNG plots) for this config's run",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG)
@@ -171,6 +173,18 @@ def cmd_embed(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return workflow.embed(encoder, args.input, args.output, batch_size=cfg.evaluate.batch_size, device=cfg.device)
 
 
+def cmd_tune(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.tune import run_study
+
+    return run_study(cfg, log=lambda s: print(s, file=sys.stderr))
+
+
+def cmd_report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.report import make_report
+
+    return make_report(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mocosfl.config import ConfigError, load_config, to_yaml
@@ -196,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": cmd_evaluate,
             "bench": cmd_bench,
             "embed": cmd_embed,
+            "tune": cmd_tune,
+            "report": cmd_report,
         }
         result = commands[args.command](cfg, args)
     except (ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged) as e:
