@@ -8,11 +8,11 @@ PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
 MOCOSFL := $(VENV)/bin/mocosfl
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint pipeline bench clean
+.PHONY: help setup test test-fast lint pipeline serve ui tune bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=test|smoke|cpu|paper (default: params.yaml's profile)"
+	@echo "  variables: PROFILE=test|smoke|cpu|paper (default: params.yaml's profile), OVERRIDES='k=v k2=v2'"
 
 setup: $(VENV)/.installed  ## create .venv and install mocosfl with its dependencies
 
@@ -28,17 +28,23 @@ test-fast: setup  ## run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup  ## ruff + mypy
-	$(VENV)/bin/ruff check mocosfl tests
-	$(VENV)/bin/mypy mocosfl
+	$(VENV)/bin/ruff check mocosfl pipelines tests
+	$(VENV)/bin/mypy mocosfl pipelines
 
-pipeline: setup  ## prepare -> partition -> pretrain -> evaluate (PROFILE=smoke for a 2-minute run)
-	$(MOCOSFL) prepare $(PROFILE_ARG)
-	$(MOCOSFL) partition $(PROFILE_ARG)
-	$(MOCOSFL) pretrain $(PROFILE_ARG)
-	$(MOCOSFL) evaluate $(PROFILE_ARG)
+pipeline: setup  ## the Prefect flow prepare -> partition -> pretrain -> evaluate -> report (PROFILE=smoke: ~2 min)
+	$(PY) -m pipelines.run $(PROFILE_ARG) $(foreach o,$(OVERRIDES),--set $(o))
+
+serve: setup  ## Prefect server on 127.0.0.1:4200 + deployments mocosfl/{pretrain,pipeline,tune} (foreground)
+	VENV=$(VENV) bash scripts/serve.sh
+
+ui: setup  ## MLflow UI on http://127.0.0.1:5000 (foreground)
+	VENV=$(VENV) bash scripts/ui.sh
+
+tune: setup  ## Optuna study over sync period and queue size
+	$(MOCOSFL) tune $(PROFILE_ARG) $(foreach o,$(OVERRIDES),--set $(o))
 
 bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,10000)
 	$(MOCOSFL) bench $(PROFILE_ARG) $(if $(CLIENTS),--clients $(CLIENTS),)
 
-clean:  ## remove generated data, runs and metrics (keeps .venv)
-	rm -rf data runs metrics
+clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db)
+	rm -rf data runs metrics reports tune

@@ -185,42 +185,58 @@ def cmd_report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return make_report(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> dict[str, Any]:
+    """Run one command and return its result; user errors propagate (see ``main``)."""
     args = build_parser().parse_args(argv)
-    from mocosfl.config import ConfigError, load_config, to_yaml
+    from mocosfl.config import load_config, to_yaml
+
+    cfg = load_config(args.params, args.profile, args.overrides)
+    if args.command == "config":
+        return {"config": to_yaml(cfg)}
+    import torch
+
+    if cfg.pretrain.num_threads:
+        torch.set_num_threads(cfg.pretrain.num_threads)
+    from mocosfl import workflow
+
+    commands: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
+        "prepare": cmd_prepare,
+        "partition": lambda c, a: workflow.partition(c),
+        "pretrain": cmd_pretrain,
+        "evaluate": cmd_evaluate,
+        "bench": cmd_bench,
+        "embed": cmd_embed,
+        "tune": cmd_tune,
+        "report": cmd_report,
+    }
+    return commands[args.command](cfg, args)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: printed as one line, exit code 2."""
+    from mocosfl.config import ConfigError
     from mocosfl.data.partition import PartitionError
     from mocosfl.data.prepare import DataError
     from mocosfl.sfl.trainer import TrainingDiverged
 
+    return (ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = build_parser().parse_args(argv).command
     try:
-        cfg = load_config(args.params, args.profile, args.overrides)
-        if args.command == "config":
-            print(to_yaml(cfg), end="")
-            return 0
-        import torch
-
-        if cfg.pretrain.num_threads:
-            torch.set_num_threads(cfg.pretrain.num_threads)
-        from mocosfl import workflow
-
-        commands: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
-            "prepare": cmd_prepare,
-            "partition": lambda c, a: workflow.partition(c),
-            "pretrain": cmd_pretrain,
-            "evaluate": cmd_evaluate,
-            "bench": cmd_bench,
-            "embed": cmd_embed,
-            "tune": cmd_tune,
-            "report": cmd_report,
-        }
-        result = commands[args.command](cfg, args)
-    except (ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged) as e:
-        print(f"mocosfl {args.command}: error: {e}", file=sys.stderr)
+        result = run(argv)
+    except user_errors() as e:
+        print(f"mocosfl {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mocosfl {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
+        print(f"mocosfl {command}: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
-    print(json.dumps(result, sort_keys=True, default=str))
+    if command == "config":
+        print(result["config"], end="")
+    else:
+        print(json.dumps(result, sort_keys=True, default=str))
     return 0
 
 

@@ -51,6 +51,13 @@ def _setup(cfg: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        # Artifacts next to the store (absolute), not in whatever folder the first run started from.
+        artifacts = Path(cfg.tracking.db).resolve().parent / "mlruns"
+        try:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
+        except mlflow.exceptions.MlflowException:
+            pass  # another process created it meanwhile
     exp = mlflow.set_experiment(cfg.tracking.experiment)
     return str(exp.experiment_id)
 
