@@ -1,0 +1,285 @@
+"""Optuna study over the sync period and the shared-queue size, each trial a short pretrain scored by kNN top-1.
+
+The study lives in SQLite (``tune.storage``) so it can be resumed, extended (raise ``tune.n_trials`` and run
+again) or shared by several ``mocosfl tune`` processes. Results: ``<metrics_dir>/tune.json``, plots in
+``tune.out_dir`` and ``<tune.out_dir>/best_params.json``, whose ``"overrides"`` list is what
+``mocosfl pretrain --set …`` and the Prefect flow's ``overrides`` parameter take, e.g.
+``mocosfl pretrain $(jq -r '.overrides[] | "--set " + .' tune/best_params.json)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mocosfl import workflow
+from mocosfl.config import Config
+from mocosfl.sfl.trainer import TrainingDiverged
+from pipelines import tracking
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def storage_url(cfg: Config) -> str:
+    return f"sqlite:///{Path(cfg.tune.storage).resolve()}"
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    t = cfg.tune
+    if t.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if t.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=t.knn_every, max_resource=t.steps)
+    if t.pruner == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=t.threshold_knn)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(cfg: Config) -> optuna.Study:
+    """Create the study (or load it) in its SQLite store."""
+    path = Path(cfg.tune.storage).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes share the file: wait for SQLite's lock instead of failing at once.
+    storage = optuna.storages.RDBStorage(storage_url(cfg), engine_kwargs={"connect_args": {"timeout": 60}})
+    study = optuna.create_study(study_name=cfg.tune.study_name, storage=storage, direction="maximize",
+                                load_if_exists=True, pruner=make_pruner(cfg))
+    # Seeded per invocation with the trials already stored, so extending a study samples new points
+    # instead of replaying the first process's random start-up sequence.
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+    return study
+
+
+def trial_config(cfg: Config, trial: optuna.Trial) -> Config:
+    t = cfg.tune
+    sync_period = trial.suggest_int("sync_period", t.sync_period_min, t.sync_period_max, log=True)
+    queue_size = trial.suggest_int("queue_size", t.queue_size_min, t.queue_size_max, log=True)
+    return cfg.replace(**{
+        "sfl.sync_period": sync_period,
+        "moco.queue_size": queue_size,
+        "pretrain.steps": t.steps,
+        "pretrain.knn_every": t.knn_every,
+        "pretrain.checkpoint_every": t.steps,
+        # Trials write their pretrain.json here, not over the pretrain stage's metrics/pretrain.json.
+        "metrics_dir": str(Path(t.out_dir) / "trials" / f"trial-{trial.number}"),
+    })
+
+
+def _train(trial: optuna.Trial, trial_cfg: Config, track: bool) -> float:
+    """Pretrain one trial, reporting each kNN to the pruner (raises TrialPruned)."""
+    reported: set[int] = set()
+
+    def report(row: dict[str, Any]) -> None:
+        step = int(row["step"])
+        if "knn_top1" not in row or step in reported:
+            return
+        reported.add(step)
+        trial.report(float(row["knn_top1"]), step=step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"kNN top-1 {row['knn_top1']:.2f} at step {step}")
+
+    def on_step(row: dict[str, float]) -> None:
+        if track and "epoch" in row:
+            tracking.log_row(row)  # loss and kNN at this step, one batched call
+        report(row)
+
+    result = workflow.pretrain(trial_cfg, on_step=on_step)
+    # A run finished earlier (same config) is returned without training: replay its kNN history so
+    # the pruner and the intermediate values see it like a fresh run.
+    for row in result.get("history", []):
+        if "knn_top1" in row and int(row["step"]) not in reported:
+            if track:
+                tracking.log_row(row)
+            report(row)
+    if result.get("knn_top1") is None:
+        raise RuntimeError(f"run {result.get('run_dir')} has no kNN result")
+    if track:
+        import mlflow
+
+        mlflow.set_tag("run_hash", str(result.get("run_id", "")))
+        mlflow.log_metric("objective_knn_top1", float(result["knn_top1"]))
+    return float(result["knn_top1"])
+
+
+def make_objective(cfg: Config) -> Callable[[optuna.Trial], float]:
+    track = tracking.enabled(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial_cfg = trial_config(cfg, trial)
+        if not track:
+            return _train(trial, trial_cfg, track=False)
+        import mlflow
+
+        n = trial.number
+        pruned: optuna.TrialPruned | None = None
+        with tracking.mlflow_run(trial_cfg, f"trial-{n}", nested=True,
+                                 tags={"stage": "tune-trial", "trial": str(n),
+                                       "study_name": cfg.tune.study_name}) as run:
+            mlflow.log_params({"sync_period": trial.params["sync_period"],
+                               "queue_size": trial.params["queue_size"], "trial_number": n})
+            try:
+                value = _train(trial, trial_cfg, track=True)
+            except optuna.TrialPruned as e:
+                # Caught inside the run: an exception leaving it would mark it FAILED.
+                mlflow.set_tag("trial_state", "PRUNED")
+                pruned = e
+            else:
+                mlflow.set_tag("trial_state", "COMPLETE")
+        if pruned is not None:
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+            raise pruned
+        return value
+
+    return objective
+
+
+def _log_trial(log: Callable[[str], None], target: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def callback(study: optuna.Study, t: FrozenTrial) -> None:
+        done = sum(1 for s in study.get_trials(deepcopy=False) if s.state in FINISHED)
+        params = " ".join(f"{k}={v}" for k, v in t.params.items())
+        if t.state == TrialState.COMPLETE:
+            outcome = f"kNN top-1 {t.value:.2f}"
+        elif t.state == TrialState.PRUNED:
+            last = t.last_step
+            outcome = f"pruned at step {last}" if last is not None else "pruned"
+        else:
+            outcome = t.state.name.lower()
+        secs = t.duration.total_seconds() if t.duration else 0.0
+        log(f"trial {t.number} [{done}/{target}] {params}: {outcome} ({secs:.1f} s)")
+
+    return callback
+
+
+def _importances(study: optuna.Study) -> Any:
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2 or all(t.params == complete[0].params for t in complete):
+        raise ValueError(f"needs >= 2 complete trials with different params (have {len(complete)} complete)")
+    return ovm.plot_param_importances(study)
+
+
+def _save_plots(study: optuna.Study, out_dir: Path, log: Callable[[str], None]) -> list[Path]:
+    """Optimization history and parameter importances as PNGs; a PNG saying why when one can't be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    paths = []
+    plots: dict[str, Callable[[optuna.Study], Any]] = {
+        "optimization_history.png": ovm.plot_optimization_history,
+        "param_importances.png": _importances,
+    }
+    for name, plot in plots.items():
+        path = out_dir / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)  # matplotlib: empty legends while the study is young
+            try:
+                fig = plot(study).figure
+            except Exception as e:  # a plot is a by-product: never fail the study over it
+                log(f"{name}: not drawn ({e}); writing a placeholder")
+                fig, ax = plt.subplots(figsize=(6, 2))
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"{name.removesuffix('.png')}: not available\n{e}"[:300],
+                        ha="center", va="center", wrap=True)
+            fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summarize(cfg: Config, study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: float(t.value or 0.0)) if complete else None
+    return {
+        "study_name": cfg.tune.study_name,
+        "storage": storage_url(cfg),
+        "n_trials": sum(1 for t in trials if t.state in FINISHED),
+        "n_complete": len(complete),
+        "n_pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
+        "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
+        "best_value": best.value if best else None,
+        "best_params": dict(best.params) if best else {},
+        "best_trial": best.number if best else None,
+        "trials": [{"number": t.number, "state": t.state.name, "params": dict(t.params), "value": t.value,
+                    "last_step": t.last_step,
+                    "seconds": t.duration.total_seconds() if t.duration else None} for t in trials],
+    }
+
+
+def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run trials until the study holds ``tune.n_trials`` finished (complete or pruned) ones; write results."""
+    workflow.prepare(cfg)
+    if not workflow.shards_path(cfg).exists():
+        workflow.partition(cfg)
+    out_dir = Path(cfg.tune.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    optuna_logger = logging.getLogger("optuna")
+    old_level = optuna_logger.level
+    optuna_logger.setLevel(logging.WARNING)  # one line per trial comes from _log_trial instead
+    try:
+        study = load_study(cfg)
+        target = cfg.tune.n_trials
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+        log(f"study {cfg.tune.study_name} at {storage_url(cfg)}: {done}/{target} trials finished, "
+            f"pruner {cfg.tune.pruner}")
+        track = tracking.enabled(cfg)
+        t0 = time.perf_counter()
+        if track:
+            import mlflow
+
+            with tracking.mlflow_run(cfg, f"tune-{cfg.tune.study_name}",
+                                     tags={"stage": "tune", "study_name": cfg.tune.study_name}) as parent:
+                _optimize(cfg, study, target - done, log)
+                result = _write_results(cfg, study, out_dir, log, {"mlflow_run_id": parent.info.run_id})
+                mlflow.log_metrics({k: float(result[k]) for k in ("n_trials", "n_complete", "n_pruned")})
+                if result["best_value"] is not None:
+                    mlflow.log_metric("best_knn_top1", float(result["best_value"]))
+                    mlflow.log_params({f"best.{k}": v for k, v in result["best_params"].items()})
+                files = [str(Path(cfg.metrics_dir) / "tune.json"), result["best_params_file"], *result["plots"]]
+                for path in files:
+                    if Path(path).exists():
+                        mlflow.log_artifact(path, artifact_path="tune")
+        else:
+            _optimize(cfg, study, target - done, log)
+            result = _write_results(cfg, study, out_dir, log)
+        log(f"study {cfg.tune.study_name}: {result['n_trials']} finished ({result['n_pruned']} pruned), "
+            f"best {result['best_value']} {result['best_params']} in {time.perf_counter() - t0:.1f} s")
+        return result
+    finally:
+        optuna_logger.setLevel(old_level)
+
+
+def _optimize(cfg: Config, study: optuna.Study, remaining: int, log: Callable[[str], None]) -> None:
+    if remaining <= 0:
+        return
+    # n_trials caps this process's attempts (failed trials included); the callback stops it as soon as
+    # the study, counting other processes' trials, holds n_trials finished ones.
+    stop = optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)
+    study.optimize(make_objective(cfg), n_trials=remaining, callbacks=[stop, _log_trial(log, cfg.tune.n_trials)],
+                   catch=(TrainingDiverged,), gc_after_trial=False)
+
+
+def _write_results(cfg: Config, study: optuna.Study, out_dir: Path, log: Callable[[str], None],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = {**summarize(cfg, study), **(extra or {})}
+    best = result["best_params"]
+    overrides = [f"sfl.sync_period={best['sync_period']}", f"moco.queue_size={best['queue_size']}"] if best else []
+    workflow.write_json(out_dir / "best_params.json", {"overrides": overrides, "best_value": result["best_value"],
+                                                       "study_name": cfg.tune.study_name})
+    result["best_params_file"] = str(out_dir / "best_params.json")
+    result["plots"] = [str(p) for p in _save_plots(study, out_dir, log)]
+    workflow.write_json(Path(cfg.metrics_dir) / "tune.json", result)
+    return result
