@@ -48,3 +48,16 @@ bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,1000
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db)
 	rm -rf data runs metrics reports tune
+
+# DVC: stages in dvc.yaml, state and telemetry kept inside the project.
+.PHONY: repro push pull
+DVC := DVC_NO_ANALYTICS=1 DVC_SITE_CACHE_DIR=$(CURDIR)/.dvc/tmp/site-cache $(VENV)/bin/dvc
+
+repro: setup  ## dvc repro: re-run the dvc.yaml stages whose inputs changed (params.yaml's profile)
+	$(DVC) repro
+
+push: setup  ## dvc push data, runs, metrics and reports to the DVC remote (default: .dvcstore/)
+	$(DVC) push
+
+pull: setup  ## dvc pull data, runs, metrics and reports from the DVC remote
+	$(DVC) pull
