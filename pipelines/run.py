@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = results["evaluate"]
         print(f"kNN top-1 {ev['knn_top1']:.2f}%  linear probe top-1 {ev['linear_probe_top1']:.2f}%")
     if "report" in results:
-        print(f"report: {results['report'].get('report_md', cfg.report.out_dir + '/report.md')}")
+        print(f"report: {results['report'].get('report', cfg.report.out_dir + '/report.md')}")
     if "tune" in results:
         print(f"tuning: best {results['tune'].get('best_params')} -> {cfg.metrics_dir}/tune.json")
     if tracking.enabled(cfg):
