@@ -373,7 +373,8 @@ class MocoSFLTrainer:
     ) -> None:
         """Train from ``self.step`` to the plan's last step."""
         plan, pc = self.plan, self.cfg.pretrain
-        log_every = max(1, min(pc.knn_every, plan.steps_per_epoch))
+        # A history row (MLflow metrics, report curves) per epoch, but at least ~50 per run.
+        log_every = max(1, min(pc.knn_every, plan.steps_per_epoch, math.ceil(plan.total_steps / 50)))
         window_start = time.perf_counter()
         while self.step < plan.total_steps:
             loss = self.advance()
