@@ -2,19 +2,23 @@
 
 Both run in one process on the same images so machine noise hits them alike; each
 figure is the median over ``bench.steps`` steps after ``bench.warmup`` warm-up steps.
+Each client count runs in a fresh process, so its peak RSS is its own.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mocosfl.baselines.central import CentralMoco
 from mocosfl.config import Config
@@ -36,84 +40,158 @@ def synthetic_images(n: int, size: int, num_classes: int, seed: int) -> tuple[np
     return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, num_classes, n)
 
 
+RGB = tuple[float, float, float]
+
+
+def bench_data(cfg: Config, num_clients: int, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, RGB, RGB]:
+    """The prepared training set if there is one, else synthetic images of the configured size."""
+    from mocosfl import workflow
+    from mocosfl.data.prepare import DataError
+
+    try:
+        ds = workflow.Dataset(cfg)
+        log(f"bench on prepared data {ds.prepared.path.name} ({len(ds.train_y)} images)")
+        return ds.train_x(), ds.train_y, ds.prepared.mean, ds.prepared.std
+    except DataError:
+        n = max(50_000, 5 * num_clients)
+        log(f"no prepared data: bench on {n} synthetic images")
+        images, labels = synthetic_images(n, cfg.data.image_size, 10, cfg.seed)
+        return images, labels, CIFAR_MEAN, CIFAR_STD
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench(
-    cfg: Config,
-    clients: list[int],
-    images: np.ndarray,
-    labels: np.ndarray,
-    mean: tuple[float, float, float] = CIFAR_MEAN,
-    std: tuple[float, float, float] = CIFAR_STD,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+def _flops(step: Callable[[], Any]) -> int:
+    """FLOPs of one call (forward + backward), counted by torch's dispatcher, not by formula."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Interleaved sim/central steps at N clients; one row of the bench table."""
     device = resolve_device(cfg.device)
+    images, labels, mean, std = bench_data(cfg, n, log)
+    run_cfg = cfg.replace(**{"partition.num_clients": n})
+    shards = partition_indices(labels, cfg.partition.method, n, cfg.seed,
+                               shards_per_client=cfg.partition.shards_per_client, alpha=cfg.partition.dirichlet_alpha)
+    steps = cfg.bench.warmup + cfg.bench.steps + 1  # +1: the step whose FLOPs are counted
+    t0 = time.perf_counter()
+    sim = MocoSFLTrainer(run_cfg.replace(**{"pretrain.steps": steps}), images, shards, mean, std, None, device)
+    setup_s = time.perf_counter() - t0
+    batch = sim.plan.batch_size
+    central = CentralMoco(run_cfg, mean, std, batch, steps, device)
+    rng = np.random.default_rng(cfg.seed)
+
+    def central_step() -> None:
+        central.train_step(images[rng.choice(len(images), batch, replace=False)])
+
+    sim_t, central_t, sync_t, first = [], [], [], [0.0, 0.0]
+    log(f"N={n}: M={sim.plan.clients_per_round}, b={sim.plan.client_batch_size}, B={batch}, "
+        f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}")
+    for s in range(steps - 1):
+        t = time.perf_counter()
+        sim.advance()
+        dt = time.perf_counter() - t
+        synced = sim.round_ids is None
+        t = time.perf_counter()
+        central_step()
+        dc = time.perf_counter() - t
+        if s == 0:
+            first = [dt, dc]
+        if s >= cfg.bench.warmup:
+            sim_t.append(dt)
+            central_t.append(dc)
+            if synced:
+                sync_t.append(sim.last_sync_seconds)
+    sim_flops = _flops(sim.advance)
+    central_flops = _flops(central_step)
+    # Time a sync on its own too, so it is reported even when no round ended in the window.
+    if sim.round_ids is None:
+        sim.begin_round(sim.step // sim.plan.sync_period)
+    t = time.perf_counter()
+    sim.end_round()
+    sync_t.append(time.perf_counter() - t)
+
+    aug = MocoV2Augment(cfg.data.image_size, mean, std)
+    batch_imgs = torch.from_numpy(np.array(images[:batch])).to(device)
+    aug_t = []
+    for i in range(5):
+        t = time.perf_counter()
+        aug.two_views(batch_imgs, _torch_gen(cfg.seed, 99, i))
+        aug_t.append(time.perf_counter() - t)
+    sim_s, central_s = _median(sim_t), _median(central_t)
+    row = {
+        "num_clients": n,
+        "clients_per_round": sim.plan.clients_per_round,
+        "client_batch_size": sim.plan.client_batch_size,
+        "batch_size": batch,
+        "width": cfg.model.width,
+        "cut_layers": cfg.model.cut_layers,
+        "stateful_clients": cfg.sfl.stateful_clients,
+        "compile": cfg.pretrain.compile,
+        "threads": torch.get_num_threads(),
+        "sim_step_s": sim_s,
+        "central_step_s": central_s,
+        "ratio": sim_s / central_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "sync_ms": 1000 * _median(sync_t),
+        "client_setup_s": setup_s,
+        # The first step pays for one-off work (oneDNN primitives, torch.compile); reported apart.
+        "first_step_s": first[0],
+        "central_first_step_s": first[1],
+        "gflop_per_step": sim_flops / 1e9,
+        "gflops": sim_flops / 1e9 / sim_s,
+        "central_gflops": central_flops / 1e9 / central_s,
+        "train_images_per_s": batch / sim_s,
+        "augment_images_per_s": batch / _median(aug_t),
+    }
+    log(f"  sim {sim_s * 1000:.1f} ms/step, central {central_s * 1000:.1f} ms/step, ratio {row['ratio']:.3f}, "
+        f"{row['gflops']:.1f} GFLOP/s, sync {row['sync_ms']:.2f} ms, peak RSS {row['peak_rss_mb']:.0f} MB")
+    return row
+
+
+def _child(cfg: Config, n: int) -> dict[str, Any]:
+    return bench_one(cfg, n, log=lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def bench(cfg: Config, clients: list[int], log: Callable[[str], None] = print,
+          isolate: bool = True) -> dict[str, Any]:
+    """One row per client count; ``isolate`` runs each in its own process (honest peak RSS)."""
     results = []
     for n in clients:
-        run_cfg = cfg.replace(**{"partition.num_clients": n})
-        shards = partition_indices(labels, cfg.partition.method, n, cfg.seed,
-                                   shards_per_client=cfg.partition.shards_per_client,
-                                   alpha=cfg.partition.dirichlet_alpha)
-        steps = cfg.bench.warmup + cfg.bench.steps
-        t0 = time.perf_counter()
-        sim = MocoSFLTrainer(run_cfg.replace(**{"pretrain.steps": 10**9}), images, shards, mean, std,
-                             None, device)
-        setup_s = time.perf_counter() - t0
-        batch = sim.plan.batch_size
-        central = CentralMoco(run_cfg, mean, std, batch, 10**9, device)
-        rng = np.random.default_rng(cfg.seed)
-        sim_t, central_t, sync_t = [], [], []
-        log(f"N={n}: M={sim.plan.clients_per_round}, b={sim.plan.client_batch_size}, B={batch}, "
-            f"{steps} steps each (interleaved)")
-        for s in range(steps):
-            t = time.perf_counter()
-            sim.advance()
-            dt = time.perf_counter() - t
-            synced = sim.step % sim.plan.sync_period == 0
-            if s >= cfg.bench.warmup:
-                sim_t.append(dt)
-                if synced:
-                    sync_t.append(sim.last_sync_seconds)
-            batch_idx = rng.choice(len(images), batch, replace=False)
-            t = time.perf_counter()
-            central.train_step(images[batch_idx])
-            if s >= cfg.bench.warmup:
-                central_t.append(time.perf_counter() - t)
-        # Time a sync on its own too, so it is reported even when no round ended in the window.
-        if sim.round_ids is None:
-            sim.begin_round(sim.step // sim.plan.sync_period)
-        t = time.perf_counter()
-        sim.end_round()
-        sync_t.append(time.perf_counter() - t)
-
-        aug = MocoV2Augment(cfg.data.image_size, mean, std)
-        batch_imgs = torch.from_numpy(images[:batch]).to(device)
-        aug_t = []
-        for i in range(5):
-            t = time.perf_counter()
-            aug.two_views(batch_imgs, _torch_gen(cfg.seed, 99, i))
-            aug_t.append(time.perf_counter() - t)
-        sim_s, central_s = _median(sim_t), _median(central_t)
-        row = {
-            "num_clients": n,
-            "clients_per_round": sim.plan.clients_per_round,
-            "client_batch_size": sim.plan.client_batch_size,
-            "batch_size": batch,
-            "width": cfg.model.width,
-            "cut_layers": cfg.model.cut_layers,
-            "sim_step_s": sim_s,
-            "central_step_s": central_s,
-            "ratio": sim_s / central_s,
-            "peak_rss_mb": peak_rss_mb(),
-            "sync_ms": 1000 * _median(sync_t),
-            "client_setup_s": setup_s,
-            "train_images_per_s": batch / sim_s,
-            "augment_images_per_s": batch / _median(aug_t),
-        }
-        log(f"  sim {sim_s * 1000:.1f} ms/step, central {central_s * 1000:.1f} ms/step, ratio {row['ratio']:.3f}, "
-            f"sync {row['sync_ms']:.1f} ms, peak RSS {row['peak_rss_mb']:.0f} MB")
-        results.append(row)
-        del sim, central
+        if isolate:
+            with mp.get_context("spawn").Pool(1) as pool:
+                results.append(pool.apply(_child, (cfg, n)))
+        else:
+            results.append(bench_one(cfg, n, log))
     return {"results": results}
+
+
+def plot_bench(results: list[dict[str, Any]], path: Path) -> None:
+    """Step time (sim vs central) and peak RSS against the number of clients."""
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ns = [r["num_clients"] for r in results]
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ns, [r["sim_step_s"] for r in results], "o-", label="MocoSFL simulation")
+    ax1.plot(ns, [r["central_step_s"] for r in results], "s--", label="centralized MoCo")
+    ax1.set(xscale="log", xlabel="clients N", ylabel="step time (s, median)", title="step time vs N")
+    ax1.set_ylim(bottom=0)
+    ax1.legend()
+    ax2.plot(ns, [r["peak_rss_mb"] / 1024 for r in results], "o-")
+    ax2.set(xscale="log", xlabel="clients N", ylabel="peak RSS (GB)", title="memory vs N")
+    ax2.set_ylim(bottom=0)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embed": "write encoder features of an ImageFolder to .npz",
         "tune": "Optuna study over sync period and queue size (writes metrics/tune.json)",
         "report": "write reports/report.md (+ .html, PNG plots) for this config's run",
+        "results": "run a suite of MocoSFL runs, baselines and ablations; write reports/results-*.md/.csv",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG)
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", required=True, help="ImageFolder dir or .tar.gz with train/ and test/")
             p.add_argument("--output", required=True, help="output .npz")
             p.add_argument("--encoder", help="encoder.pt or run dir (default: this config's pretrain run)")
+        if name == "results":
+            p.add_argument("--suite", default="main", help="main | full | paper (default: main)")
     return parser
 
 
@@ -147,20 +150,14 @@ def cmd_evaluate(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_bench(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl import bench, workflow
-    from mocosfl.data.prepare import DataError
 
     clients = [int(c) for c in args.clients.split(",")] if args.clients else [cfg.partition.num_clients]
-    try:
-        ds = workflow.Dataset(cfg)
-        images, labels = ds.train_x(), ds.train_y
-        mean, std = ds.prepared.mean, ds.prepared.std
-        print(f"bench on prepared data {ds.prepared.path.name} ({len(labels)} images)", file=sys.stderr)
-    except DataError:
-        n = max(50_000, 5 * max(clients))
-        images, labels = bench.synthetic_images(n, cfg.data.image_size, 10, cfg.seed)
-        mean, std = bench.CIFAR_MEAN, bench.CIFAR_STD
-        print(f"no prepared data: bench on {n} synthetic images", file=sys.stderr)
-    return bench.bench(cfg, clients, images, labels, mean, std, log=lambda s: print(s, file=sys.stderr))
+    result = bench.bench(cfg, clients, log=lambda s: print(s, file=sys.stderr))
+    plot = Path(cfg.metrics_dir) / "bench.png"
+    bench.plot_bench(result["results"], plot)
+    workflow.write_json(Path(cfg.metrics_dir) / "bench.json", result)
+    print(f"plot: {plot}", file=sys.stderr)
+    return result
 
 
 def cmd_embed(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -183,6 +180,12 @@ def cmd_report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.report import make_report
 
     return make_report(cfg)
+
+
+def cmd_results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.results import run_suite
+
+    return run_suite(cfg, args.suite, log=lambda s: print(s, file=sys.stderr, flush=True))
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -208,6 +211,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         "embed": cmd_embed,
         "tune": cmd_tune,
         "report": cmd_report,
+        "results": cmd_results,
     }
     return commands[args.command](cfg, args)
 

@@ -87,6 +87,8 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     runs_dir: str = "runs"
     num_threads: int | None = None
+    # torch.compile the server model: auto = only for runs long enough to repay the compile time.
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class Config:
 # Keys that name where things live, not what is computed: left out of run hashes.
 PATH_KEYS = {"profile", "data.source", "data.prepared_dir", "partition.out_dir",
              "pretrain.runs_dir", "metrics_dir", "device", "pretrain.num_threads",
-             "pretrain.checkpoint_every", "pretrain.keep_checkpoints"}
+             "pretrain.checkpoint_every", "pretrain.keep_checkpoints", "pretrain.compile"}
 _PATH_FIELDS = {"data.source", "data.prepared_dir", "partition.out_dir",
                 "pretrain.runs_dir", "metrics_dir", "tracking.db", "tune.storage", "tune.out_dir",
                 "report.out_dir"}

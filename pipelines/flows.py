@@ -56,11 +56,10 @@ def run_stage(stage: str, profile: str, overrides: list[str]) -> dict[str, Any]:
     """Run one stage, through DVC when it tracks this configuration, else in-process."""
     if use_dvc(stage, profile, overrides):
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-        proc = subprocess.run([dvc_bin() or "dvc", "repro", "--single-item", stage], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+        # Output goes straight to the terminal: the stage's own progress bar stays visible.
+        proc = subprocess.run([dvc_bin() or "dvc", "repro", "--single-item", stage], cwd=ROOT, env=env)
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"dvc repro {stage} failed: " + " | ".join(tail))
+            raise RuntimeError(f"dvc repro {stage} failed with exit code {proc.returncode} (its output is above)")
         name = STAGE_METRICS.get(stage)
         if name is None:
             return {"stage": stage, "via": "dvc"}

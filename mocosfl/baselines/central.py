@@ -1,20 +1,34 @@
 """Centralized MoCo v2: one unsplit encoder on pooled data, batch B, the same symmetric loss.
 
-It is MocoSFL's ceiling at equal budget and the yardstick for simulation overhead.
+It is MocoSFL's ceiling at equal budget and the yardstick for simulation overhead. ``CentralMoco``
+is one step; ``CentralTrainer`` runs it for a MocoSFL plan's steps at its batch B, with checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from mocosfl.config import Config
 from mocosfl.data.augment import MocoV2Augment
-from mocosfl.models.resnet import Encoder, ServerModel, build_split_model
+from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
 from mocosfl.sfl.server import KeyQueue, ema_update_module
-from mocosfl.sfl.trainer import _torch_gen, cosine_lr, moco_loss
+from mocosfl.sfl.trainer import (
+    KnnData,
+    TrainingDiverged,
+    TrainLoop,
+    _rng,
+    _torch_gen,
+    cosine_lr,
+    maybe_compile,
+    moco_loss,
+    resolve_plan,
+)
 
 
 class CentralMoco:
@@ -31,6 +45,8 @@ class CentralMoco:
         # The whole network is the "server" and the smashed data are the images themselves.
         self.model = ServerModel(Encoder(client, server.backbone), server.head).to(self.device)
         self.target = copy.deepcopy(self.model).requires_grad_(False)
+        self.model_fn = maybe_compile(self.model, cfg.pretrain.compile, total_steps)
+        self.target_fn = maybe_compile(self.target, cfg.pretrain.compile, total_steps)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.pretrain.lr,
                                          momentum=cfg.pretrain.momentum, weight_decay=cfg.pretrain.weight_decay)
         self.queue = KeyQueue(cfg.moco.queue_size, m.proj_dim, _torch_gen(cfg.seed, 7), self.device)
@@ -45,7 +61,7 @@ class CentralMoco:
         lr = cosine_lr(cfg.pretrain.lr, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, keys = moco_loss(self.model, self.target, view1, view2, self.queue.keys.clone(),
+        loss, keys = moco_loss(self.model_fn, self.target_fn, view1, view2, self.queue.keys.clone(),
                                cfg.moco.temperature, cfg.moco.symmetric)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -54,3 +70,111 @@ class CentralMoco:
         self.queue.enqueue(keys)
         self.step += 1
         return loss.item()
+
+
+class CentralTrainer(TrainLoop):
+    """Centralized MoCo on the images the clients hold, pooled, for a MocoSFL plan's steps at its batch B.
+
+    Same constructor as ``MocoSFLTrainer``: the shards only define the pool and the plan (B = M*b and
+    the step count), so both see the same number of images. Each epoch is a fresh seeded permutation
+    of the pool, cut into consecutive batches (without replacement within an epoch).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        train_x: np.ndarray,
+        shards: list[np.ndarray],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        knn: KnnData | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.train_x = train_x
+        self.pool = np.sort(np.concatenate(shards))  # [n] training-image indices the clients hold
+        self.plan = resolve_plan(cfg, np.array([len(s) for s in shards]))
+        self.knn = knn
+        self.mean, self.std = mean, std
+        self.moco = CentralMoco(cfg, mean, std, self.plan.batch_size, self.plan.total_steps, self.device)
+        self.step = 0
+        self.bytes_up = 0  # nothing leaves the machine
+        self.bytes_down = 0
+        self.train_seconds = 0.0
+        self.knn_seconds = 0.0
+        self.history: list[dict[str, float]] = []
+        self.window_losses: list[float] = []
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Training-image indices of one step.  Shape: [B] (a batch may straddle two epochs)."""
+        n, batch = len(self.pool), self.plan.batch_size
+        epoch, within = np.divmod(step * batch + np.arange(batch), n)
+        out = np.empty(batch, dtype=np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = self.pool[_rng(self.cfg.seed, 5, int(e)).permutation(n)[within[sel]]]
+        return out
+
+    def advance(self) -> float:
+        t0 = time.perf_counter()
+        self.moco.step = self.step
+        loss = self.moco.train_step(self.train_x[self.batch_indices(self.step)])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at step {self.step}; the last good checkpoint is kept — "
+                "lower pretrain.lr or check the data"
+            )
+        self.step += 1
+        self.train_seconds += time.perf_counter() - t0
+        return loss
+
+    def encoder(self) -> Encoder:
+        enc = copy.deepcopy(self.moco.model.backbone)
+        assert isinstance(enc, Encoder)
+        return enc.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.moco.model.state_dict(),
+            "target": self.moco.target.state_dict(),
+            "optimizer": self.moco.optimizer.state_dict(),
+            "queue": self.moco.queue.state(),
+            "train_seconds": self.train_seconds,
+            "knn_seconds": self.knn_seconds,
+            "history": self.history,
+            "window_losses": self.window_losses,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.moco.model.load_state_dict(state["model"])
+        self.moco.target.load_state_dict(state["target"])
+        self.moco.optimizer.load_state_dict(state["optimizer"])
+        self.moco.queue.load(state["queue"])
+        self.train_seconds = float(state["train_seconds"])
+        self.knn_seconds = float(state["knn_seconds"])
+        self.history = list(state["history"])
+        self.window_losses = list(state["window_losses"])
+
+    def summary(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "steps": self.step,
+            "total_steps": plan.total_steps,
+            "epochs": self.step / plan.steps_per_epoch,
+            "images_seen": self.step * plan.batch_size,
+            "num_clients": plan.num_clients,  # of the MocoSFL plan whose budget this run matches
+            "batch_size": plan.batch_size,
+            "sync_period": None,
+            "client_params": None,
+            "server_params": count_params(self.moco.model),
+            "bytes_up_total": 0,
+            "bytes_down_total": 0,
+            "bytes_per_client": None,
+            "train_seconds": self.train_seconds,
+            "knn_seconds": self.knn_seconds,
+            "knn_overhead": self.knn_seconds / self.train_seconds if self.train_seconds else 0.0,
+            "steps_per_s": self.step / self.train_seconds if self.train_seconds else 0.0,
+        }

@@ -82,6 +82,17 @@ def resolve_plan(cfg: Config, shard_sizes: np.ndarray) -> Plan:
     return Plan(n, m, b, batch, steps_per_epoch, total, cfg.sfl.sync_period)
 
 
+# torch.compile of the server costs ~1-2 minutes on 2 CPU cores; below this many steps it does not pay.
+AUTO_COMPILE_MIN_STEPS = 2000
+
+
+def maybe_compile(module: torch.nn.Module, mode: str, total_steps: int) -> torch.nn.Module:
+    """The module itself, or a compiled wrapper sharing its parameters."""
+    if mode == "on" or (mode == "auto" and total_steps >= AUTO_COMPILE_MIN_STEPS):
+        return torch.compile(module)  # type: ignore[return-value]
+    return module
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,8 +127,8 @@ class KnnData:
 
 
 def moco_loss(
-    server: torch.nn.Module,
-    server_target: torch.nn.Module,
+    server: Callable[[torch.Tensor], torch.Tensor],
+    server_target: Callable[[torch.Tensor], torch.Tensor],
     h_q: torch.Tensor,
     h_k: torch.Tensor,
     negatives: torch.Tensor,
@@ -144,7 +155,112 @@ def moco_loss(
     return info_nce(q, k, negatives, temperature), k
 
 
-class MocoSFLTrainer:
+def sample_participants(plan: Plan, seed: int, r: int) -> np.ndarray:
+    """Sorted ids of round r's M participants (all N when M = N)."""
+    if plan.clients_per_round < plan.num_clients:
+        return np.sort(_rng(seed, 1, r).choice(plan.num_clients, plan.clients_per_round, replace=False))
+    return np.arange(plan.num_clients)
+
+
+def round_order(shards: list[np.ndarray], ids: np.ndarray, seed: int, r: int) -> tuple[np.ndarray, ...]:
+    """Each participant's shard in a fresh random order: flat array, offsets, lengths (each [M] but flat)."""
+    rng = _rng(seed, 2, r)
+    perms = [shards[i][rng.permutation(len(shards[i]))] for i in ids]
+    lens = np.array([len(p) for p in perms])
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.concatenate(perms), offsets, lens
+
+
+def step_samples(order: tuple[np.ndarray, ...], t_in_round: int, b: int) -> np.ndarray:
+    """Image indices of one step of a round, participant-major.  Shape: [M*b] (wraps around a shard)."""
+    flat, offsets, lens = order
+    pos = (t_in_round * b + np.arange(b))[None, :] % lens[:, None]  # [M, b]
+    return flat[offsets[:, None] + pos].reshape(-1)
+
+
+class TrainLoop:
+    """The step loop MocoSFL and the baselines share: history rows, kNN monitor, checkpoint calls.
+
+    Subclasses set the attributes below and implement ``advance`` (one step, returns the loss),
+    ``encoder``, ``state_dict``, ``load_state_dict`` and ``summary``.
+    """
+
+    cfg: Config
+    plan: Plan
+    knn: KnnData | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+    step: int
+    bytes_up: int
+    bytes_down: int
+    knn_seconds: float
+    history: list[dict[str, float]]
+    window_losses: list[float]
+
+    def advance(self) -> float:
+        raise NotImplementedError
+
+    def encoder(self) -> Encoder:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def knn_monitor(self) -> float | None:
+        if self.knn is None:
+            return None
+        enc = self.encoder()
+        kw: dict[str, Any] = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size,
+                                  batch_size=self.cfg.evaluate.batch_size, device=self.device)
+        bank = extract_features(enc, self.knn.bank_x, **kw)
+        test = extract_features(enc, self.knn.test_x, **kw)
+        e = self.cfg.evaluate
+        return knn_top1(bank, self.knn.bank_y, test, self.knn.test_y, self.knn.num_classes, e.knn_k,
+                        e.knn_temperature)
+
+    def run(
+        self,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+        on_checkpoint: Callable[[TrainLoop], None] | None = None,
+    ) -> None:
+        """Train from ``self.step`` to the plan's last step."""
+        plan, pc = self.plan, self.cfg.pretrain
+        # A history row (MLflow metrics, report curves) per epoch, but at least ~50 per run.
+        log_every = max(1, min(pc.knn_every, plan.steps_per_epoch, math.ceil(plan.total_steps / 50)))
+        window_start = time.perf_counter()
+        while self.step < plan.total_steps:
+            loss = self.advance()
+            self.window_losses.append(loss)
+            row: dict[str, float] = {"step": self.step, "loss": loss}
+            if self.step % log_every == 0 or self.step == plan.total_steps:
+                elapsed = time.perf_counter() - window_start
+                row.update(epoch=self.step / plan.steps_per_epoch, loss_mean=float(np.mean(self.window_losses)),
+                           lr=cosine_lr(pc.lr, self.step - 1, plan.total_steps),
+                           steps_per_s=len(self.window_losses) / max(elapsed, 1e-9),
+                           bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients)
+                if self.step % pc.knn_every == 0 or self.step == plan.total_steps:
+                    t_knn = time.perf_counter()
+                    knn = self.knn_monitor()
+                    self.knn_seconds += time.perf_counter() - t_knn
+                    if knn is not None:
+                        row["knn_top1"] = knn
+                self.history.append({k: float(v) for k, v in row.items() if k != "loss"})
+                self.window_losses = []
+                window_start = time.perf_counter()
+            if on_step:
+                on_step(row)
+            if on_checkpoint and (self.step % pc.checkpoint_every == 0 or self.step == plan.total_steps):
+                on_checkpoint(self)
+
+
+class MocoSFLTrainer(TrainLoop):
     """Simulates N clients + one server on one machine; ``run`` trains, ``state_dict`` checkpoints."""
 
     def __init__(
@@ -180,6 +296,10 @@ class MocoSFLTrainer:
                                                m.gn_groups)[1].to(self.device)
         self.server_target.load_state_dict(self.server.state_dict())
         self.server_target.requires_grad_(False)
+        # Compiled wrappers share parameters with the eager modules, so EMA, checkpoints and kNN
+        # (which use the eager modules) see the same weights.
+        self.server_fn = maybe_compile(self.server, cfg.pretrain.compile, self.plan.total_steps)
+        self.server_target_fn = maybe_compile(self.server_target, cfg.pretrain.compile, self.plan.total_steps)
         self.optimizer = torch.optim.SGD(self.server.parameters(), lr=cfg.pretrain.lr,
                                          momentum=cfg.pretrain.momentum, weight_decay=cfg.pretrain.weight_decay)
 
@@ -215,21 +335,11 @@ class MocoSFLTrainer:
 
     # ------------------------------------------------------------------ rounds
 
-    def _round_data(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each participant's shard in a fresh random order: flat array, offsets, lengths."""
-        ids = self.round_ids.cpu().numpy()  # type: ignore[union-attr]
-        rng = _rng(self.cfg.seed, 2, r)
-        perms = [self.shards[i][rng.permutation(len(self.shards[i]))] for i in ids]
-        lens = np.array([len(p) for p in perms])
-        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        return np.concatenate(perms), offsets, lens
+    def _round_data(self, r: int) -> tuple[np.ndarray, ...]:
+        return round_order(self.shards, self.round_ids.cpu().numpy(), self.cfg.seed, r)  # type: ignore[union-attr]
 
     def begin_round(self, r: int) -> None:
-        plan = self.plan
-        if plan.clients_per_round < plan.num_clients:
-            ids = np.sort(_rng(self.cfg.seed, 1, r).choice(plan.num_clients, plan.clients_per_round, replace=False))
-        else:
-            ids = np.arange(plan.num_clients)
+        ids = sample_participants(self.plan, self.cfg.seed, r)
         self.round_ids = torch.from_numpy(ids).long()
         m = len(ids)
         self.p = {k: v.requires_grad_(True) for k, v in C.stack(self.global_params, m).items()}
@@ -274,9 +384,7 @@ class MocoSFLTrainer:
         assert self.round_ids is not None
         t_in_round = self.step % plan.sync_period
         m, b = len(self.round_ids), plan.client_batch_size
-        flat, offsets, lens = self._data
-        pos = (t_in_round * b + np.arange(b))[None, :] % lens[:, None]  # [M, b]
-        idx = flat[offsets[:, None] + pos].reshape(-1)  # [M*b]
+        idx = step_samples(self._data, t_in_round, b)  # [M*b]
         images = torch.from_numpy(np.ascontiguousarray(self.train_x[idx])).to(self.device)
         view1, view2 = self.augment.two_views(images, _torch_gen(cfg.seed, 3, self.step))
         view1 = view1.view(m, b, *view1.shape[1:])  # [M, b, 3, S, S]
@@ -299,7 +407,7 @@ class MocoSFLTrainer:
         lr = cosine_lr(cfg.pretrain.lr, self.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, keys = moco_loss(self.server, self.server_target, smashed_q, smashed_k, negatives,
+        loss, keys = moco_loss(self.server_fn, self.server_target_fn, smashed_q, smashed_k, negatives,
                                cfg.moco.temperature, cfg.moco.symmetric)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -337,18 +445,6 @@ class MocoSFLTrainer:
         client.load_state_dict({k: v.detach().clone() for k, v in self.current_client_params().items()})
         return Encoder(client.to(self.device), copy.deepcopy(self.server.backbone)).eval()
 
-    def knn_monitor(self) -> float | None:
-        if self.knn is None:
-            return None
-        enc = self.encoder()
-        kw: dict[str, Any] = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size,
-                                  batch_size=self.cfg.evaluate.batch_size, device=self.device)
-        bank = extract_features(enc, self.knn.bank_x, **kw)
-        test = extract_features(enc, self.knn.test_x, **kw)
-        e = self.cfg.evaluate
-        return knn_top1(bank, self.knn.bank_y, test, self.knn.test_y, self.knn.num_classes, e.knn_k,
-                        e.knn_temperature)
-
     # ------------------------------------------------------------------ the loop
 
     def advance(self) -> float:
@@ -365,40 +461,6 @@ class MocoSFLTrainer:
             self.last_sync_seconds = time.perf_counter() - t_sync
         self.train_seconds += time.perf_counter() - t0
         return loss
-
-    def run(
-        self,
-        on_step: Callable[[dict[str, float]], None] | None = None,
-        on_checkpoint: Callable[[MocoSFLTrainer], None] | None = None,
-    ) -> None:
-        """Train from ``self.step`` to the plan's last step."""
-        plan, pc = self.plan, self.cfg.pretrain
-        # A history row (MLflow metrics, report curves) per epoch, but at least ~50 per run.
-        log_every = max(1, min(pc.knn_every, plan.steps_per_epoch, math.ceil(plan.total_steps / 50)))
-        window_start = time.perf_counter()
-        while self.step < plan.total_steps:
-            loss = self.advance()
-            self.window_losses.append(loss)
-            row: dict[str, float] = {"step": self.step, "loss": loss}
-            if self.step % log_every == 0 or self.step == plan.total_steps:
-                elapsed = time.perf_counter() - window_start
-                row.update(epoch=self.step / plan.steps_per_epoch, loss_mean=float(np.mean(self.window_losses)),
-                           lr=cosine_lr(pc.lr, self.step - 1, plan.total_steps),
-                           steps_per_s=len(self.window_losses) / max(elapsed, 1e-9),
-                           bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients)
-                if self.step % pc.knn_every == 0 or self.step == plan.total_steps:
-                    t_knn = time.perf_counter()
-                    knn = self.knn_monitor()
-                    self.knn_seconds += time.perf_counter() - t_knn
-                    if knn is not None:
-                        row["knn_top1"] = knn
-                self.history.append({k: float(v) for k, v in row.items() if k != "loss"})
-                self.window_losses = []
-                window_start = time.perf_counter()
-            if on_step:
-                on_step(row)
-            if on_checkpoint and (self.step % pc.checkpoint_every == 0 or self.step == plan.total_steps):
-                on_checkpoint(self)
 
     # ------------------------------------------------------------------ checkpoints
 
