@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pipeline: interrupted; run it again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     print()
     if "evaluate" in results:
         ev = results["evaluate"]
