@@ -30,9 +30,11 @@ from mocosfl.data.prepare import DataError, PreparedData, load_prepared, prepare
 from mocosfl.eval.knn import extract_features, knn_top1
 from mocosfl.eval.linear import linear_probe
 from mocosfl.models.resnet import Encoder, build_split_model
-from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, resolve_device
+from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
 
 PRETRAIN_SECTIONS = ("seed", "data", "partition", "model", "sfl", "moco", "pretrain")
+# What pretrain can train: MocoSFL and the baselines at the same plan (mocosfl/baselines/).
+METHODS = ("mocosfl", "central", "flmoco")
 ENCODER_FORMAT = "mocosfl-encoder-v1"
 
 
@@ -126,8 +128,10 @@ def data_hash(ds: Dataset, shards_file: Path) -> str:
     return ds.fingerprint() + hashlib.sha256(shards_file.read_bytes()).hexdigest()[:16]
 
 
-def run_dir(cfg: Config, ds: Dataset, shards_file: Path) -> Path:
-    return Path(cfg.pretrain.runs_dir) / config_hash(cfg, PRETRAIN_SECTIONS, data_hash(ds, shards_file))
+def run_dir(cfg: Config, ds: Dataset, shards_file: Path, method: str = "mocosfl") -> Path:
+    """``runs/<hash>`` for MocoSFL, ``runs/<method>-<hash>`` for a baseline on the same config."""
+    h = config_hash(cfg, PRETRAIN_SECTIONS, data_hash(ds, shards_file))
+    return Path(cfg.pretrain.runs_dir) / (h if method == "mocosfl" else f"{method}-{h}")
 
 
 def _checkpoints(directory: Path) -> list[Path]:
@@ -169,7 +173,21 @@ def knn_data(cfg: Config, ds: Dataset) -> KnnData:
     )
 
 
-def encoder_payload(trainer: MocoSFLTrainer) -> dict[str, Any]:
+def make_trainer(method: str, cfg: Config, train_x: np.ndarray, shards: list[np.ndarray],
+                 mean: tuple[float, float, float], std: tuple[float, float, float], knn: KnnData | None,
+                 device: torch.device) -> TrainLoop:
+    """The trainer of ``method`` (one of METHODS); all take the same inputs and plan."""
+    from mocosfl.baselines.central import CentralTrainer
+    from mocosfl.baselines.flmoco import FLMocoTrainer
+
+    classes: dict[str, type[MocoSFLTrainer] | type[CentralTrainer] | type[FLMocoTrainer]] = {
+        "mocosfl": MocoSFLTrainer, "central": CentralTrainer, "flmoco": FLMocoTrainer}
+    if method not in classes:
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    return classes[method](cfg, train_x, shards, mean, std, knn, device)
+
+
+def encoder_payload(trainer: TrainLoop) -> dict[str, Any]:
     enc = trainer.encoder()
     m = trainer.cfg.model
     return {
@@ -187,12 +205,13 @@ def encoder_payload(trainer: MocoSFLTrainer) -> dict[str, Any]:
 def pretrain(
     cfg: Config,
     on_step: Callable[[dict[str, float]], None] | None = None,
-    on_start: Callable[[MocoSFLTrainer, Path], None] | None = None,
+    on_start: Callable[[TrainLoop, Path], None] | None = None,
+    method: str = "mocosfl",
 ) -> dict[str, Any]:
-    """Train (or resume, or skip when finished) the run keyed by this config and data."""
+    """Train (or resume, or skip when finished) the run of ``method`` keyed by this config and data."""
     ds = Dataset(cfg)
     shards = load_partition(cfg, ds)
-    directory = run_dir(cfg, ds, shards_path(cfg))
+    directory = run_dir(cfg, ds, shards_path(cfg), method)
     done = directory / "pretrain.json"
     if done.exists() and (directory / "encoder.pt").exists():
         result = json.loads(done.read_text())
@@ -202,7 +221,7 @@ def pretrain(
 
     device = resolve_device(cfg.device)
     p = ds.prepared
-    trainer = MocoSFLTrainer(cfg, ds.train_x(), shards, p.mean, p.std, knn_data(cfg, ds), device)
+    trainer = make_trainer(method, cfg, ds.train_x(), shards, p.mean, p.std, knn_data(cfg, ds), device)
     state = load_latest_checkpoint(directory)
     if state is not None:
         trainer.load_state_dict(state)
@@ -212,7 +231,7 @@ def pretrain(
     if on_start:
         on_start(trainer, directory)
     wall0 = time.perf_counter()
-    def checkpoint(t: MocoSFLTrainer) -> None:
+    def checkpoint(t: TrainLoop) -> None:
         save_checkpoint(directory, t.state_dict(), cfg.pretrain.keep_checkpoints)
 
     trainer.run(on_step=on_step, on_checkpoint=checkpoint)
@@ -231,6 +250,7 @@ def pretrain(
         knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,
         history=trainer.history,
         profile=cfg.profile,
+        method=method,
     )
     write_json(done, result)
     write_json(metrics_path(cfg, "pretrain.json"), result)
@@ -262,8 +282,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     return enc.to(device).eval().requires_grad_(False)
 
 
-def evaluate(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """kNN and linear probe of the encoder this config trained (or of a random one)."""
+def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "mocosfl") -> dict[str, Any]:
+    """kNN and linear probe of the encoder ``method`` trained with this config (or of a random one)."""
     ds = Dataset(cfg)
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # subnormals slow CPU convolutions ~10x
@@ -274,7 +294,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         enc = Encoder(client, server.backbone).to(device).eval().requires_grad_(False)
         source = "random init"
     else:
-        directory = run_dir(cfg, ds, shards_path(cfg)) if shards_path(cfg).exists() else None
+        directory = run_dir(cfg, ds, shards_path(cfg), method) if shards_path(cfg).exists() else None
         if directory is None or not (directory / "encoder.pt").exists():
             raise FileNotFoundError("no finished pretrain run for this config: run `mocosfl pretrain` first")
         enc = load_encoder(directory, device)
