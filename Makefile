@@ -8,7 +8,7 @@ PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
 MOCOSFL := $(VENV)/bin/mocosfl
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint pipeline serve ui tune bench clean
+.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ tune: setup  ## Optuna study over sync period and queue size
 
 bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,10000)
 	$(MOCOSFL) bench $(PROFILE_ARG) $(if $(CLIENTS),--clients $(CLIENTS),)
+
+results: setup  ## baselines + ablations table reports/results-<suite>[-<profile>].md (SUITE=main|full|paper)
+	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(foreach o,$(OVERRIDES),--set $(o))
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db)
 	rm -rf data runs metrics reports tune
