@@ -80,7 +80,9 @@ def test_prefect_deployment_run_pretrain(prepared: list[str], tmp_path: Path) ->
             if "pretrain" in out:
                 break
             time.sleep(2)
-        overrides = json.dumps(prepared + [f"metrics_dir={tmp_path / 'metrics'}"])
+        # Own runs dir: test_cli may already have trained this config, and a finished run logs no MLflow run.
+        overrides = json.dumps(prepared + [f"metrics_dir={tmp_path / 'metrics'}",
+                                           f"pretrain.runs_dir={tmp_path / 'runs'}"])
         run = subprocess.run(
             [prefect, "deployment", "run", "mocosfl/pretrain", "-p", "profile=test", "-p", f"overrides={overrides}",
              "--watch", "--watch-timeout", "600"],
