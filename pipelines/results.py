@@ -399,8 +399,9 @@ def markdown(cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, 
         f"- Budget: {budget}; ResNet-18 width {cfg.model.width}; seed {cfg.seed}; one run per row (no error bars).",
         f"- Evaluation: kNN (k={e.knn_k}) on the full train/test split, linear probe {e.linear_epochs} epochs "
         "(epoch chosen on a validation split of train).",
-        f"- Wall time of this invocation: {suite_seconds / 60:.1f} min (cached rows cost nothing; "
-        "each row's own wall time is in the table).",
+        f"- Wall time: {sum({x['key']: x['wall_seconds'] for x in entries}.values()) / 60:.1f} min of training and "
+        f"evaluation over the distinct runs (each row's own in the table); this invocation took "
+        f"{suite_seconds / 60:.1f} min (finished rows are read from the cache).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -423,11 +424,12 @@ def markdown(cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, 
         "forward and online backward of the client model; FL-MoCo: the whole symmetric MoCo step.",
         "- A sync period at or beyond the step count is one round for the whole run (\"never\"); with "
         "client sampling that also means the same participants throughout.",
-        "- FL-MoCo: full encoder + head per client, local queue of K/M keys and local EMA target for the "
-        "round, FedAvg of model and target every sync period; `FL-MoCo` uses 10 clients per round with "
-        "batch B/10 (same images per step).",
-        f"- Files: {stem}.md, {stem}.csv" + "".join(f", {p}" for p in plots) + ".",
     ]
+    if any(x["method"] == "flmoco" for x in entries):
+        lines.append("- FL-MoCo: full encoder + head per client, local queue of K/M keys and local EMA target for "
+                     "the round (fresh when a client is sampled), FedAvg of model and target every sync period; "
+                     "clients per round x batch as in the table, so the same images per step as MocoSFL.")
+    lines.append(f"- Files: {stem}.md, {stem}.csv" + "".join(f", {p}" for p in plots) + ".")
     return "\n".join(lines) + "\n"
 
 
