@@ -49,8 +49,9 @@ bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,1000
 results: setup  ## baselines + ablations table reports/results-<suite>[-<profile>].md (SUITE=main|full|paper)
 	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(foreach o,$(OVERRIDES),--set $(o))
 
-clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db)
-	rm -rf data runs metrics reports tune
+clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)
+	rm -rf data runs metrics tune
+	find reports -mindepth 1 ! -name 'results-*.md' ! -name 'results-*.csv' -delete 2>/dev/null || true
 
 # DVC: stages in dvc.yaml, state and telemetry kept inside the project.
 .PHONY: repro push pull
