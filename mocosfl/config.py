@@ -192,6 +192,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value in choices and type(value) is type(choices[choices.index(value)]):
             return value
         raise ConfigError(f"{key}={value!r} is invalid: allowed {', '.join(map(repr, choices))}")

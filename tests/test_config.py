@@ -254,3 +254,10 @@ def test_plan_errors() -> None:
         resolve_plan(cfg.replace(**{"sfl.client_batch_size": 1}), np.array([3, 0, 3, 3]))
     with pytest.raises(ConfigError, match="partition.num_clients=4"):
         resolve_plan(cfg, np.full(5, 10))
+
+
+def test_on_off_literals_survive_yaml_booleans() -> None:
+    from mocosfl.config import Config
+
+    assert Config().replace(**{"pretrain.compile": False}).pretrain.compile == "off"
+    assert Config().replace(**{"pretrain.compile": True}).pretrain.compile == "on"
