@@ -46,7 +46,7 @@ tune: setup  ## Optuna study over sync period and queue size
 bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,10000)
 	$(MOCOSFL) bench $(PROFILE_ARG) $(if $(CLIENTS),--clients $(CLIENTS),)
 
-results: setup  ## baselines + ablations table reports/results-<suite>[-<profile>].md (SUITE=main|full|paper)
+results: setup  ## baselines + ablations table reports/results-<profile>[-<suite>].md (SUITE=main|full|paper)
 	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(foreach o,$(OVERRIDES),--set $(o))
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", required=True, help="output .npz")
             p.add_argument("--encoder", help="encoder.pt or run dir (default: this config's pretrain run)")
         if name == "results":
-            p.add_argument("--suite", default="main", help="main | full | paper (default: main)")
+            p.add_argument("--suite", help="main | full | paper (default: paper on the paper profile, else main)")
     return parser
 
 
@@ -183,9 +183,9 @@ def cmd_report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.results import run_suite
+    from pipelines.results import default_suite, run_suite
 
-    return run_suite(cfg, args.suite, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return run_suite(cfg, args.suite or default_suite(cfg.profile), log=lambda s: print(s, file=sys.stderr, flush=True))
 
 
 def run(argv: list[str]) -> dict[str, Any]:

@@ -5,8 +5,9 @@ chosen profile, so every row sees the same number of images (the profile's steps
 row is cached as ``<runs_dir>/results/<row-hash>.json``, keyed by its method, resolved config and data,
 and not run again; pretrain runs resume from their checkpoints as ``mocosfl pretrain`` does. Each row is
 an MLflow run nested under one parent run per invocation. Output in ``report.out_dir``:
-``results-<suite>.{md,csv}`` for the cpu profile and ``results-<suite>-<profile>.{md,csv}`` for any other
-(a smoke run never overwrites the committed cpu table), plus ``…-probe.png`` and ``…-knn.png``.
+``results-<profile>.{md,csv}`` for the profile's default suite (``main``; ``paper`` on the paper profile)
+and ``results-<profile>-<suite>.{md,csv}`` for any other, so a smoke run never overwrites the committed
+cpu table; plus ``…-probe.png`` and ``…-knn.png``.
 """
 
 from __future__ import annotations
@@ -298,9 +299,18 @@ def estimate(todo: list[Resolved], log: Callable[[str], None]) -> float:
 
 # ----------------------------------------------------------------------------- outputs
 
+def default_suite(profile: str) -> str:
+    """The suite a profile runs when none is named: ``paper`` for the paper profile, ``main`` otherwise."""
+    return "paper" if profile == "paper" else "main"
+
+
 def output_stem(cfg: Config, suite: str) -> str:
-    """``results-<suite>`` for the cpu profile (the committed table), ``results-<suite>-<profile>`` otherwise."""
-    return f"results-{suite}" if cfg.profile == "cpu" else f"results-{suite}-{cfg.profile}"
+    """``results-<profile>`` for the profile's default suite, ``results-<profile>-<suite>`` for any other.
+
+    So the committed cpu table is ``results-cpu`` and a smoke run (``results-smoke``) never overwrites it.
+    """
+    name = f"results-{cfg.profile}"
+    return name if suite == default_suite(cfg.profile) else f"{name}-{suite}"
 
 
 def _f(x: Any, fmt: str) -> str:

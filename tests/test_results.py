@@ -32,8 +32,8 @@ def _rows(path: str) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_main_suite_runs_every_method(suite) -> None:
     cfg, out, tmp, log, _ = suite
-    assert Path(out["markdown"]).name == "results-main-test.md"  # never the committed cpu table's name
-    assert {Path(p).name for p in out["plots"]} == {"results-main-test-probe.png", "results-main-test-knn.png"}
+    assert Path(out["markdown"]).name == "results-test.md"  # never the committed cpu table's name
+    assert {Path(p).name for p in out["plots"]} == {"results-test-probe.png", "results-test-knn.png"}
     assert all(Path(p).stat().st_size > 0 for p in out["plots"])
     assert any(line.startswith("estimated time for 7 runs") for line in log)
     rows = _rows(out["csv"])
@@ -60,7 +60,7 @@ def test_main_suite_runs_every_method(suite) -> None:
     md = Path(out["markdown"]).read_text()
     assert "profile `test`" in md and "torch" in md and "CPUs" in md
     assert md.count("\n| ") == len(rows) + 1 and "## The paper's qualitative claims at this budget" in md
-    assert "![results-main-test-probe.png](results-main-test-probe.png)" in md
+    assert "![results-test-probe.png](results-test-probe.png)" in md
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_second_run_skips_finished_rows_and_logs_to_mlflow(suite, tmp_path, monk
     parent = client.get_run(again["mlflow_run_id"])
     assert parent.data.tags["stage"] == "results" and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "results")} >= {
-        "results/results-main-test.md", "results/results-main-test.csv"}
+        "results/results-test.md", "results/results-test.csv"}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(row.label for row in R.MAIN)
@@ -125,9 +125,11 @@ def test_unknown_suite_is_one_line_error(prepared, capsys) -> None:
 
 
 def test_output_names_keep_the_cpu_table_apart() -> None:
-    assert R.output_stem(load_config(PARAMS, "cpu"), "main") == "results-main"
-    assert R.output_stem(load_config(PARAMS, "smoke"), "main") == "results-main-smoke"
-    assert R.output_stem(load_config(PARAMS, "test"), "full") == "results-full-test"
+    assert R.output_stem(load_config(PARAMS, "cpu"), "main") == "results-cpu"
+    assert R.output_stem(load_config(PARAMS, "smoke"), "main") == "results-smoke"
+    assert R.output_stem(load_config(PARAMS, "test"), "full") == "results-test-full"
+    assert R.output_stem(load_config(PARAMS, "paper"), "paper") == "results-paper"
+    assert R.output_stem(load_config(PARAMS, "paper"), "main") == "results-paper-main"
 
 
 def test_suites_are_valid_configs() -> None:
