@@ -51,7 +51,7 @@ results: setup  ## baselines + ablations table reports/results-<profile>[-<suite
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)
 	rm -rf data runs metrics tune
-	find reports -mindepth 1 ! -name 'results-*.md' ! -name 'results-*.csv' -delete 2>/dev/null || true
+	find reports -mindepth 1 ! -name 'results-cpu*' -delete 2>/dev/null || true
 
 # DVC: stages in dvc.yaml, state and telemetry kept inside the project.
 .PHONY: repro push pull
