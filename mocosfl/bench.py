@@ -8,7 +8,6 @@ Each client count runs in a fresh process, so its peak RSS is its own.
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -22,17 +21,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mocosfl.baselines.central import CentralMoco
 from mocosfl.config import Config
+from mocosfl.costs import peak_rss_mb
 from mocosfl.data.augment import MocoV2Augment
 from mocosfl.data.partition import partition_indices
 from mocosfl.sfl.trainer import MocoSFLTrainer, _torch_gen, resolve_device
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def synthetic_images(n: int, size: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

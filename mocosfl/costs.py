@@ -8,6 +8,8 @@ Bytes exchanged are counted by the trainers from the tensors they send (``bytes_
 from __future__ import annotations
 
 import copy
+import resource
+import sys
 from collections.abc import Callable
 
 import torch
@@ -17,6 +19,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from mocosfl.config import Config
 from mocosfl.models.resnet import Encoder, ServerModel, build_split_model
 from mocosfl.sfl.trainer import moco_loss
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB = 2**20 bytes)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -37,6 +37,7 @@ def test_pretrain_evaluate_and_rerun(prepared: list[str], capsys: pytest.Capture
     assert main(cli_args("pretrain", prepared)) == 0
     result = _metrics(prepared, "pretrain.json")
     assert result["steps"] == 8 and result["resumed_from_step"] == 0
+    assert result["peak_rss_mb_this_session"] > 100 and result["client_state_mb"] == 0  # stateless
     assert np.isfinite(result["final_loss"]) and 0 <= result["knn_top1"] <= 100
     assert [r["step"] for r in result["history"] if "knn_top1" in r] == [4, 8]
 

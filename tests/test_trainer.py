@@ -4,7 +4,6 @@ client state options, determinism, exact resume through a weights_only checkpoin
 from __future__ import annotations
 
 import copy
-import io
 import math
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from mocosfl import workflow
 from mocosfl.config import Config, load_config
 from mocosfl.data.partition import partition_indices
 from mocosfl.eval.knn import extract_features
@@ -281,6 +281,7 @@ def test_stateful_clients_keep_momentum(monkeypatch: pytest.MonkeyPatch) -> None
     ids = seen[0]["ids"]
     others = [i for i in range(N) if i not in ids.tolist()]
     bank = tr.momentum_bank.tensors
+    assert tr.summary()["client_state_mb"] == N * C.nbytes(tr.global_params) / 2**20  # N x client params
     for name, v in bank.items():
         assert torch.equal(v[ids], seen[0]["mom"][name])
         assert all(v[i].abs().sum() > 0 for i in ids)
@@ -293,7 +294,7 @@ def test_stateful_clients_keep_momentum(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_stateless_clients_have_no_bank() -> None:
     tr = make()
-    assert tr.momentum_bank is None and tr.target_bank is None
+    assert tr.momentum_bank is None and tr.target_bank is None and tr.summary()["client_state_mb"] == 0
     assert isinstance(tr.queue, KeyQueue)
 
 
@@ -325,11 +326,12 @@ def test_asymmetric_loss_runs() -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def roundtrip(state: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+def roundtrip(state: dict, directory: Path) -> dict:
+    """Through the real checkpoint files: a weights_only .pt plus one .npy per O(N) bank."""
+    workflow.save_checkpoint(directory, state, keep=2)
+    loaded = workflow.load_latest_checkpoint(directory)
+    assert loaded is not None
+    return loaded
 
 
 VARIANTS = {
@@ -341,7 +343,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("stop", [4, 6], ids=["mid-round", "round-boundary"])
-def test_resume_is_bit_identical(variant: str, stop: int) -> None:
+def test_resume_is_bit_identical(variant: str, stop: int, tmp_path: Path) -> None:
     over = VARIANTS[variant]
     full = make(**over)
     full_losses = [full.advance() for _ in range(8)]
@@ -349,14 +351,57 @@ def test_resume_is_bit_identical(variant: str, stop: int) -> None:
     first = make(**over)
     assert [first.advance() for _ in range(stop)] == full_losses[:stop]
     assert (first.round_ids is not None) == (stop % 3 != 0)
-    state = roundtrip(first.state_dict())
+    state = roundtrip(first.state_dict(), tmp_path)
     del first
+    banks = sorted(p.name.split(".")[1] for p in tmp_path.glob("*.npy"))
+    assert banks == (["momentum_bank", "target_bank"] if "stateful" in variant else [])
 
     resumed = make(**over)
     resumed.load_state_dict(state)
     assert resumed.step == stop
     assert [resumed.advance() for _ in range(8 - stop)] == full_losses[stop:]
     assert_state_equal(resumed.state_dict(), full.state_dict())
+
+
+STATEFUL = VARIANTS["sampled+stateful+unsynced+private-queues"]
+
+
+def test_large_banks_keep_only_the_newest_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**STATEFUL)
+    for _ in range(2):
+        tr.advance()
+        workflow.save_checkpoint(tmp_path, tr.state_dict(), keep=3)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and len(list(tmp_path.glob("*.npy"))) == 4
+    monkeypatch.setattr(workflow, "LARGE_CHECKPOINT_BYTES", 1)
+    tr.advance()
+    workflow.save_checkpoint(tmp_path, tr.state_dict(), keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-000000003.momentum_bank.npy", "ckpt-000000003.pt", "ckpt-000000003.target_bank.npy"]
+
+
+def test_checkpoint_with_a_missing_or_short_bank_falls_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tr = make(**STATEFUL)
+    tr.advance()
+    workflow.save_checkpoint(tmp_path, tr.state_dict(), keep=5)
+    tr.advance()
+    workflow.save_checkpoint(tmp_path, tr.state_dict(), keep=5)
+    short = tmp_path / "ckpt-000000002.momentum_bank.npy"
+    short.write_bytes(short.read_bytes()[:-8])
+    assert workflow.load_latest_checkpoint(tmp_path)["step"] == 1
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+    (tmp_path / "ckpt-000000001.target_bank.npy").unlink()
+    assert workflow.load_latest_checkpoint(tmp_path) is None
+
+
+def test_orphan_banks_of_a_killed_save_are_removed(tmp_path: Path) -> None:
+    tr = make(**STATEFUL)
+    tr.advance()
+    orphan = tmp_path / "ckpt-000000009.momentum_bank.npy"
+    tmp_path.mkdir(exist_ok=True)
+    orphan.write_bytes(b"half written")
+    workflow.save_checkpoint(tmp_path, tr.state_dict(), keep=2)
+    assert not orphan.exists()
+    assert workflow.load_latest_checkpoint(tmp_path)["step"] == 1
 
 
 # ---------------------------------------------------------------- monitor and divergence

@@ -27,7 +27,6 @@ from mocosfl.sfl.trainer import (
     cosine_lr,
     maybe_compile,
     moco_loss,
-    resolve_plan,
 )
 
 
@@ -90,21 +89,9 @@ class CentralTrainer(TrainLoop):
         knn: KnnData | None = None,
         device: torch.device | str = "cpu",
     ):
-        self.cfg = cfg
-        self.device = torch.device(device)
-        self.train_x = train_x
+        super().__init__(cfg, train_x, shards, mean, std, knn, device)
         self.pool = np.sort(np.concatenate(shards))  # [n] training-image indices the clients hold
-        self.plan = resolve_plan(cfg, np.array([len(s) for s in shards]))
-        self.knn = knn
-        self.mean, self.std = mean, std
         self.moco = CentralMoco(cfg, mean, std, self.plan.batch_size, self.plan.total_steps, self.device)
-        self.step = 0
-        self.bytes_up = 0  # nothing leaves the machine
-        self.bytes_down = 0
-        self.train_seconds = 0.0
-        self.knn_seconds = 0.0
-        self.history: list[dict[str, float]] = []
-        self.window_losses: list[float] = []
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Training-image indices of one step.  Shape: [B] (a batch may straddle two epochs)."""

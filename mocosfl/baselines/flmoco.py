@@ -26,7 +26,6 @@ from mocosfl.sfl.trainer import (
     _torch_gen,
     cosine_lr,
     moco_loss,
-    resolve_plan,
     round_order,
     sample_participants,
     step_samples,
@@ -62,33 +61,17 @@ class FLMocoTrainer(TrainLoop):
         knn: KnnData | None = None,
         device: torch.device | str = "cpu",
     ):
-        self.cfg = cfg
-        self.device = torch.device(device)
-        self.train_x = train_x
-        self.shards = shards
-        self.shard_sizes = np.array([len(s) for s in shards])
-        self.plan = resolve_plan(cfg, self.shard_sizes)
-        self.knn = knn
-        self.mean, self.std = mean, std
+        super().__init__(cfg, train_x, shards, mean, std, knn, device)
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
-        torch.set_flush_denormal(True)  # as in MocoSFLTrainer: subnormals slow CPU convolutions ~10x
         self.module = build_full_model(cfg).to(self.device)
         self.global_params = C.module_params(self.module)
         self.global_target = {k: v.clone() for k, v in self.global_params.items()}
         self.queue_size = max(1, cfg.moco.queue_size // self.plan.clients_per_round)
-
-        self.step = 0
         self.round_ids: torch.Tensor | None = None
         self.p: C.Params = {}
         self.t: C.Params = {}
         self.mom: C.Params = {}
         self.queue: PerClientQueue | None = None
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.train_seconds = 0.0
-        self.knn_seconds = 0.0
-        self.history: list[dict[str, float]] = []
-        self.window_losses: list[float] = []
 
     # ------------------------------------------------------------------ rounds
 

@@ -7,6 +7,11 @@ SGD, EMA and FedAvg are single tensor ops over that dimension (no loop over clie
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -90,23 +95,122 @@ def nbytes(params: Params) -> int:
 
 
 class ClientStateBank:
-    """Per-client tensors for all N clients (O(N) memory), gathered/scattered per round.
+    """Per-client copies of one parameter set for all N clients, gathered/scattered per round.
 
-    Used for stateful SGD momentum and for client targets when they are not synced.
+    Used for stateful SGD momentum and for client targets when they are not synced. Stored as one
+    [N, P] tensor (P = parameters per client), so the O(N) state costs exactly N * P * 4 bytes and is
+    written to and read from checkpoints as one contiguous block (``save``/``load_``).
     """
 
     def __init__(self, template: Params, num_clients: int, fill: str = "zeros"):
-        self.tensors: Params = {}
-        for name, v in template.items():
-            if fill == "zeros":
-                self.tensors[name] = torch.zeros((num_clients, *v.shape), dtype=v.dtype, device=v.device)
-            else:
-                self.tensors[name] = v.unsqueeze(0).repeat(num_clients, *([1] * v.dim()))
+        if fill not in ("zeros", "copy"):
+            raise ValueError(f"fill must be 'zeros' or 'copy', not {fill!r}")
+        dtypes = {v.dtype for v in template.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"a state bank holds one dtype, got {sorted(map(str, dtypes))}")
+        first = next(iter(template.values()))
+        self.shapes = {k: v.shape for k, v in template.items()}
+        self.sizes = [v.numel() for v in template.values()]
+        self.flat = torch.empty((num_clients, sum(self.sizes)), dtype=first.dtype, device=first.device)
+        # Written either way, so every page is resident from the start: memory use shows its real cost.
+        if fill == "zeros":
+            self.flat.zero_()
+        else:
+            self.flat.copy_(flatten({k: v.unsqueeze(0) for k, v in template.items()}).expand_as(self.flat))
+
+    @property
+    def tensors(self) -> Params:
+        """Per-parameter views [N, *shape] of the bank (no copy)."""
+        return _unflatten(self.flat, self.shapes, self.sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
 
     def gather(self, ids: torch.Tensor) -> Params:
-        return {k: v.index_select(0, ids.to(v.device)) for k, v in self.tensors.items()}
+        """Copies of the given clients' state.  Shape per parameter: [M, *shape]."""
+        rows = self.flat.index_select(0, ids.to(self.flat.device))
+        return {k: v.contiguous() for k, v in _unflatten(rows, self.shapes, self.sizes).items()}
 
     @torch.no_grad()
     def scatter(self, ids: torch.Tensor, values: Params) -> None:
-        for k, v in self.tensors.items():
-            v.index_copy_(0, ids.to(v.device), values[k])
+        self.flat.index_copy_(0, ids.to(self.flat.device), flatten({k: values[k] for k in self.shapes}))
+
+    @torch.no_grad()
+    def load_(self, source: torch.Tensor | str | os.PathLike[str]) -> None:
+        """Fill the bank from a tensor of the same shape or from a file written by ``save``.
+
+        A file is read straight into the bank's memory, block by block: resuming never holds a
+        second copy of an O(N) bank.
+        """
+        if isinstance(source, torch.Tensor):
+            if source.shape != self.flat.shape or source.dtype != self.flat.dtype:
+                raise ValueError(f"state bank of shape {tuple(self.flat.shape)} {self.flat.dtype} cannot load "
+                                 f"{tuple(source.shape)} {source.dtype}")
+            self.flat.copy_(source)
+        else:
+            read_npy_into(Path(source), self.flat)
+
+    def save(self, path: Path) -> None:
+        write_npy(self.flat, path)
+
+
+def flatten(stacked: Params) -> torch.Tensor:
+    """[M, *shape] per parameter -> one [M, P] tensor, parameters in dict order."""
+    return torch.cat([v.reshape(v.shape[0], -1) for v in stacked.values()], dim=1)
+
+
+def _unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size], sizes: list[int]) -> Params:
+    parts = torch.split(flat, sizes, dim=1)
+    return {k: part.view(flat.shape[0], *shape) for (k, shape), part in zip(shapes.items(), parts, strict=True)}
+
+
+# ----------------------------------------------------------------------------- raw tensor files
+
+_READ_BLOCK = 64 << 20  # bytes per read() when loading a bank
+
+
+def write_npy(tensor: torch.Tensor, path: Path) -> None:
+    """Write a contiguous CPU tensor as a .npy file, streamed from its own memory (no copy)."""
+    arr = tensor.detach().cpu().contiguous().numpy()
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, arr, allow_pickle=False)
+
+
+def _npy_header(f: Any, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an open .npy file, which must hold a C-ordered array and nothing after it."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    size = os.fstat(f.fileno()).st_size
+    payload = int(np.prod(shape)) * dtype.itemsize
+    if fortran or size - f.tell() != payload:
+        raise ValueError(f"{path.name}: {size - f.tell()} data bytes, expected {payload} (truncated or not ours)")
+    return tuple(shape), dtype
+
+
+def check_npy(path: Path, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``path`` is a complete .npy file of ``shape``."""
+    with open(path, "rb") as f:
+        got, _ = _npy_header(f, path)
+    if got != tuple(shape):
+        raise ValueError(f"{path.name}: holds shape {got}, expected {tuple(shape)}")
+
+
+def read_npy_into(path: Path, out: torch.Tensor) -> None:
+    """Read a .npy file written by ``write_npy`` into ``out`` (same shape and dtype), block by block."""
+    target = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty_like(out, device="cpu")
+    arr = target.numpy()
+    with open(path, "rb") as f:
+        shape, dtype = _npy_header(f, path)
+        if shape != tuple(out.shape) or dtype != arr.dtype:
+            raise ValueError(f"{path.name}: holds {shape} {dtype}, expected {tuple(out.shape)} {arr.dtype}")
+        view = memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
+        pos = 0
+        while pos < len(view):
+            n = f.readinto(view[pos:pos + _READ_BLOCK])
+            if not n:
+                raise ValueError(f"{path.name}: truncated ({pos} of {len(view)} bytes)")
+            pos += n
+    if target is not out:
+        out.copy_(target)

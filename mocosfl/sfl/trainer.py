@@ -185,18 +185,35 @@ class TrainLoop:
     ``encoder``, ``state_dict``, ``load_state_dict`` and ``summary``.
     """
 
-    cfg: Config
-    plan: Plan
-    knn: KnnData | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    device: torch.device
-    step: int
-    bytes_up: int
-    bytes_down: int
-    knn_seconds: float
-    history: list[dict[str, float]]
-    window_losses: list[float]
+    def __init__(
+        self,
+        cfg: Config,
+        train_x: np.ndarray,
+        shards: list[np.ndarray],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        knn: KnnData | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        """What every method shares: the data, the plan, the monitor and the counters a checkpoint keeps."""
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.train_x = train_x  # [n, H, W, 3] uint8
+        self.shards = shards
+        self.shard_sizes = np.array([len(s) for s in shards])
+        self.plan = resolve_plan(cfg, self.shard_sizes)
+        self.knn = knn
+        self.mean, self.std = mean, std
+        # Subnormal floats make oneDNN convolutions ~10x slower on x86 CPUs (measured: 9.5 s vs
+        # 0.65 s per step at width 16); flushing them changes no result that matters.
+        torch.set_flush_denormal(True)
+        self.step = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.train_seconds = 0.0
+        self.knn_seconds = 0.0  # kNN monitor time, kept out of train_seconds
+        self.history: list[dict[str, float]] = []
+        self.window_losses: list[float] = []  # losses since the last history row
 
     def advance(self) -> float:
         raise NotImplementedError
@@ -273,19 +290,8 @@ class MocoSFLTrainer(TrainLoop):
         knn: KnnData | None = None,
         device: torch.device | str = "cpu",
     ):
-        self.cfg = cfg
-        self.device = torch.device(device)
-        self.train_x = train_x
-        self.shards = shards
-        self.shard_sizes = np.array([len(s) for s in shards])
-        self.plan = resolve_plan(cfg, self.shard_sizes)
-        self.knn = knn
+        super().__init__(cfg, train_x, shards, mean, std, knn, device)
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
-        self.mean, self.std = mean, std
-
-        # Subnormal floats make oneDNN convolutions ~10x slower on x86 CPUs (measured: 9.5 s vs
-        # 0.65 s per step at width 16); flushing them changes no result that matters.
-        torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         m = cfg.model
         self.client_module, self.server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim,
@@ -320,18 +326,11 @@ class MocoSFLTrainer(TrainLoop):
             per_client = max(1, cfg.moco.queue_size // self.plan.clients_per_round)
             self.queue = PerClientQueue(n, per_client, dim, queue_gen, self.device)
 
-        self.step = 0
         self.round_ids: torch.Tensor | None = None  # participants of the open round
         self.p: C.Params = {}
         self.t: C.Params = {}
         self.mom: C.Params = {}
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.train_seconds = 0.0
         self.last_sync_seconds = 0.0
-        self.knn_seconds = 0.0  # kNN monitor time, kept out of train_seconds
-        self.history: list[dict[str, float]] = []
-        self.window_losses: list[float] = []  # losses since the last history row
 
     # ------------------------------------------------------------------ rounds
 
@@ -484,9 +483,9 @@ class MocoSFLTrainer(TrainLoop):
             state["round"] = {"ids": self.round_ids, "p": {k: v.detach() for k, v in self.p.items()},
                               "t": self.t, "mom": self.mom}
         if self.momentum_bank is not None:
-            state["momentum_bank"] = self.momentum_bank.tensors
+            state["momentum_bank"] = self.momentum_bank.flat
         if self.target_bank is not None:
-            state["target_bank"] = self.target_bank.tensors
+            state["target_bank"] = self.target_bank.flat
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -504,9 +503,9 @@ class MocoSFLTrainer(TrainLoop):
         self.history = list(state["history"])
         self.window_losses = list(state["window_losses"])
         if self.momentum_bank is not None:
-            self.momentum_bank.tensors = state["momentum_bank"]
+            self.momentum_bank.load_(state["momentum_bank"])  # a tensor, or the checkpoint's .npy file
         if self.target_bank is not None:
-            self.target_bank.tensors = state["target_bank"]
+            self.target_bank.load_(state["target_bank"])
         if "round" in state:
             rnd = state["round"]
             self.round_ids = rnd["ids"]
@@ -537,4 +536,6 @@ class MocoSFLTrainer(TrainLoop):
             "knn_seconds": self.knn_seconds,
             "knn_overhead": self.knn_seconds / self.train_seconds if self.train_seconds else 0.0,
             "steps_per_s": self.step / self.train_seconds if self.train_seconds else 0.0,
+            # O(N) per-client state (stateful momentum, unsynced targets); 0 for stateless clients.
+            "client_state_mb": sum(b.nbytes for b in (self.momentum_bank, self.target_bank) if b) / 2**20,
         }
