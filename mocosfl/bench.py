@@ -87,14 +87,21 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
     sim_t, central_t, sync_t, first = [], [], [], [0.0, 0.0]
     log(f"N={n}: M={sim.plan.clients_per_round}, b={sim.plan.client_batch_size}, B={batch}, "
         f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}")
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
     for s in range(steps - 1):
-        t = time.perf_counter()
-        sim.advance()
-        dt = time.perf_counter() - t
+        # Alternate which goes first, so neither always inherits the other's cache and clock state.
+        if s % 2 == 0:
+            dt = timed(sim.advance)
+            dc = timed(central_step)
+        else:
+            dc = timed(central_step)
+            dt = timed(sim.advance)
         synced = sim.round_ids is None
-        t = time.perf_counter()
-        central_step()
-        dc = time.perf_counter() - t
         if s == 0:
             first = [dt, dc]
         if s >= cfg.bench.warmup:

@@ -61,6 +61,8 @@ class SflConfig:
     sync_period: int = 50
     sync_targets: bool = True
     stateful_clients: bool = False
+    # Storage of the O(N) per-client state (stateful momentum, unsynced targets); compute stays float32.
+    client_state_dtype: Literal["float32", "bfloat16"] = "float32"
     fedavg_weights: Literal["samples_seen", "shard_size"] = "samples_seen"
 
 

@@ -77,7 +77,11 @@ class Dataset:
         self.num_classes = len(p.classes)
 
     def train_x(self) -> np.ndarray:
-        return np.asarray(self.prepared.train_x[self.train_idx])
+        """Training images [n, H, W, 3] uint8; the read-only memmap itself when no subset is taken."""
+        x = self.prepared.train_x
+        if len(self.train_idx) == len(x) and np.array_equal(self.train_idx, np.arange(len(x))):
+            return x
+        return np.asarray(x[self.train_idx])
 
     def test_x(self) -> np.ndarray:
         return np.asarray(self.prepared.test_x[self.test_idx])

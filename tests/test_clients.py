@@ -240,3 +240,30 @@ def test_state_bank_zeros() -> None:
     assert torch.equal(bank.tensors["w"], torch.zeros(5, 2, 2))
     bank.scatter(torch.tensor([3]), {"w": torch.ones(1, 2, 2)})
     assert bank.tensors["w"].sum() == 4 and bank.tensors["w"][3].sum() == 4
+
+
+def test_state_bank_is_one_block_that_round_trips_through_a_file(tmp_path) -> None:
+    template = {"w": torch.randn(2, 3), "b": torch.randn(3)}
+    bank = C.ClientStateBank(template, 4, fill="copy")
+    assert bank.flat.shape == (4, 9) and bank.nbytes == 4 * 9 * 4
+    bank.scatter(torch.tensor([2]), {"w": torch.ones(1, 2, 3), "b": torch.zeros(1, 3)})
+    C.write_npy(bank.flat, tmp_path / "bank.npy")
+    other = C.ClientStateBank(template, 4)
+    other.load_(tmp_path / "bank.npy")
+    assert torch.equal(other.flat, bank.flat)
+    with pytest.raises(ValueError, match="expected"):
+        C.ClientStateBank(template, 5).load_(tmp_path / "bank.npy")  # another N
+
+
+def test_bfloat16_state_bank_halves_memory_and_hands_out_float32(tmp_path) -> None:
+    template = {"w": torch.randn(2, 3)}
+    bank = C.ClientStateBank(template, 4, fill="copy", storage_dtype=torch.bfloat16)
+    assert bank.flat.dtype == torch.bfloat16 and bank.nbytes == 4 * 6 * 2
+    got = bank.gather(torch.tensor([1, 3]))["w"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[0], template["w"], rtol=1 / 128, atol=0)  # bfloat16: 8 significant bits
+    torch.testing.assert_close(got[0], template["w"].bfloat16().float(), rtol=0, atol=0)
+    C.write_npy(bank.flat, tmp_path / "bank.npy")  # numpy has no bfloat16: stored as its int16 bits
+    other = C.ClientStateBank(template, 4, storage_dtype=torch.bfloat16)
+    other.load_(tmp_path / "bank.npy")
+    assert torch.equal(other.flat, bank.flat)

@@ -1,4 +1,4 @@
-"""Tests for mocosfl.sfl.server (InfoNCE, key queues, EMA) and trainer.moco_loss, against hand computations."""
+"""Tests for mocosfl.sfl.server (InfoNCE, key queues, EMA) and trainer.moco_loss/moco_backward, by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mocosfl.sfl.server import KeyQueue, PerClientQueue, ema_update_module, info_nce
-from mocosfl.sfl.trainer import moco_loss
+from mocosfl.sfl.trainer import moco_backward, moco_loss
 
 T = 0.1
 
@@ -242,3 +242,28 @@ def test_moco_loss_gradient_reaches_h_q_only() -> None:
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negs.t()], dim=1) / T
     (-F.log_softmax(logits, dim=1)[:, 0].mean()).backward()
     torch.testing.assert_close(h_q.grad, h_q2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_moco_backward_equals_backward_of_moco_loss(symmetric: bool, per_sample: bool) -> None:
+    """One backward per term gives the joint loss's value, keys and gradients (server and h_q)."""
+    negs = _unit(4, 9, 5, seed=1) if per_sample else _unit(9, 5, seed=1)
+    h_q, h_k = torch.randn(4, 6), torch.randn(4, 6)
+
+    server, target = _servers()
+    hq_joint = h_q.clone().requires_grad_(True)
+    loss, keys = moco_loss(server, target, hq_joint, h_k, negs, T, symmetric)
+    loss.backward()
+    joint = [p.grad.clone() for p in server.parameters()]
+
+    server2, target2 = _servers()
+    hq_split = h_q.clone().requires_grad_(True)
+    loss2, keys2 = moco_backward(server2, target2, hq_split, h_k, negs, T, symmetric)
+    assert not loss2.requires_grad and not keys2.requires_grad
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(keys2, keys)
+    torch.testing.assert_close(hq_split.grad, hq_joint.grad, rtol=1e-5, atol=1e-7)
+    for g, p in zip(joint, server2.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in target2.parameters())

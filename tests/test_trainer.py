@@ -338,6 +338,8 @@ VARIANTS = {
     "default": {},
     "sampled+stateful+unsynced+private-queues": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
                                                   "sfl.sync_targets": False, "moco.feature_sharing": False},
+    "stateful+unsynced, bfloat16 state": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
+                                          "sfl.sync_targets": False, "sfl.client_state_dtype": "bfloat16"},
 }
 
 

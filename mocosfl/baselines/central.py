@@ -26,7 +26,7 @@ from mocosfl.sfl.trainer import (
     _torch_gen,
     cosine_lr,
     maybe_compile,
-    moco_loss,
+    moco_backward,
 )
 
 
@@ -60,10 +60,9 @@ class CentralMoco:
         lr = cosine_lr(cfg.pretrain.lr, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, keys = moco_loss(self.model_fn, self.target_fn, view1, view2, self.queue.keys.clone(),
-                               cfg.moco.temperature, cfg.moco.symmetric)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, keys = moco_backward(self.model_fn, self.target_fn, view1, view2, self.queue.keys,
+                                   cfg.moco.temperature, cfg.moco.symmetric)
         self.optimizer.step()
         ema_update_module(self.target, self.model, cfg.moco.ema)
         self.queue.enqueue(keys)

@@ -102,16 +102,21 @@ class ClientStateBank:
     written to and read from checkpoints as one contiguous block (``save``/``load_``).
     """
 
-    def __init__(self, template: Params, num_clients: int, fill: str = "zeros"):
+    def __init__(self, template: Params, num_clients: int, fill: str = "zeros",
+                 storage_dtype: torch.dtype | None = None):
+        """``storage_dtype`` (default: the template's) may be narrower, e.g. bfloat16 to halve the
+        bank; values are rounded to it on ``scatter`` and handed out in the template's dtype."""
         if fill not in ("zeros", "copy"):
             raise ValueError(f"fill must be 'zeros' or 'copy', not {fill!r}")
         dtypes = {v.dtype for v in template.values()}
         if len(dtypes) != 1:
             raise ValueError(f"a state bank holds one dtype, got {sorted(map(str, dtypes))}")
         first = next(iter(template.values()))
+        self.dtype = first.dtype  # what gather returns
         self.shapes = {k: v.shape for k, v in template.items()}
         self.sizes = [v.numel() for v in template.values()]
-        self.flat = torch.empty((num_clients, sum(self.sizes)), dtype=first.dtype, device=first.device)
+        self.flat = torch.empty((num_clients, sum(self.sizes)), dtype=storage_dtype or first.dtype,
+                                device=first.device)
         # Written either way, so every page is resident from the start: memory use shows its real cost.
         if fill == "zeros":
             self.flat.zero_()
@@ -129,12 +134,13 @@ class ClientStateBank:
 
     def gather(self, ids: torch.Tensor) -> Params:
         """Copies of the given clients' state.  Shape per parameter: [M, *shape]."""
-        rows = self.flat.index_select(0, ids.to(self.flat.device))
+        rows = self.flat.index_select(0, ids.to(self.flat.device)).to(self.dtype)
         return {k: v.contiguous() for k, v in _unflatten(rows, self.shapes, self.sizes).items()}
 
     @torch.no_grad()
     def scatter(self, ids: torch.Tensor, values: Params) -> None:
-        self.flat.index_copy_(0, ids.to(self.flat.device), flatten({k: values[k] for k in self.shapes}))
+        rows = flatten({k: values[k] for k in self.shapes}).to(self.flat.dtype)
+        self.flat.index_copy_(0, ids.to(self.flat.device), rows)
 
     @torch.no_grad()
     def load_(self, source: torch.Tensor | str | os.PathLike[str]) -> None:
@@ -150,9 +156,6 @@ class ClientStateBank:
             self.flat.copy_(source)
         else:
             read_npy_into(Path(source), self.flat)
-
-    def save(self, path: Path) -> None:
-        write_npy(self.flat, path)
 
 
 def flatten(stacked: Params) -> torch.Tensor:
@@ -170,9 +173,14 @@ def _unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size], sizes: list[in
 _READ_BLOCK = 64 << 20  # bytes per read() when loading a bank
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a numpy array; bfloat16, which numpy lacks, as its raw int16 bits."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def write_npy(tensor: torch.Tensor, path: Path) -> None:
-    """Write a contiguous CPU tensor as a .npy file, streamed from its own memory (no copy)."""
-    arr = tensor.detach().cpu().contiguous().numpy()
+    """Write a CPU tensor as a .npy file, streamed from its own memory (no copy when contiguous)."""
+    arr = _numpy_view(tensor.detach().cpu().contiguous())
     with open(path, "wb") as f:
         np.lib.format.write_array(f, arr, allow_pickle=False)
 
@@ -200,7 +208,7 @@ def check_npy(path: Path, shape: tuple[int, ...]) -> None:
 def read_npy_into(path: Path, out: torch.Tensor) -> None:
     """Read a .npy file written by ``write_npy`` into ``out`` (same shape and dtype), block by block."""
     target = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty_like(out, device="cpu")
-    arr = target.numpy()
+    arr = _numpy_view(target)
     with open(path, "rb") as f:
         shape, dtype = _npy_header(f, path)
         if shape != tuple(out.shape) or dtype != arr.dtype:
