@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from mocosfl.baselines.central import CentralMoco
 from mocosfl.config import Config
-from mocosfl.costs import peak_rss_mb
+from mocosfl.costs import count_flops, peak_rss_mb
 from mocosfl.data.augment import MocoV2Augment
 from mocosfl.data.partition import partition_indices
 from mocosfl.sfl.trainer import MocoSFLTrainer, _torch_gen, resolve_device
@@ -56,14 +55,6 @@ def bench_data(cfg: Config, num_clients: int, log: Callable[[str], None]) -> tup
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def _flops(step: Callable[[], Any]) -> int:
-    """FLOPs of one call (forward + backward), counted by torch's dispatcher, not by formula."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return int(counter.get_total_flops())
 
 
 def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -109,8 +100,8 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
             central_t.append(dc)
             if synced:
                 sync_t.append(sim.last_sync_seconds)
-    sim_flops = _flops(sim.advance)
-    central_flops = _flops(central_step)
+    sim_flops = count_flops(sim.advance)
+    central_flops = count_flops(central_step)
     # Time a sync on its own too, so it is reported even when no round ended in the window.
     if sim.round_ids is None:
         sim.begin_round(sim.step // sim.plan.sync_period)

@@ -14,7 +14,7 @@ import torch
 from mocosfl.baselines.central import CentralTrainer
 from mocosfl.baselines.flmoco import FLMocoTrainer, build_full_model
 from mocosfl.config import Config, load_config
-from mocosfl.costs import flmoco_client_flops, mocosfl_client_flops
+from mocosfl.costs import count_flops, flmoco_client_flops, mocosfl_client_flops
 from mocosfl.data.partition import partition_indices
 from mocosfl.models.resnet import count_params
 from mocosfl.sfl import clients as C
@@ -215,3 +215,26 @@ def test_flmoco_client_runs_the_whole_network() -> None:
     sfl, fl = mocosfl_client_flops(cfg, 2), flmoco_client_flops(cfg, 2, 16)
     assert fl > 50 * sfl
     assert flmoco_client_flops(cfg, 4, 16) == pytest.approx(fl)  # per image, whatever the batch
+
+
+def test_vmapped_client_convolutions_count_as_many_flops_as_a_loop_over_clients() -> None:
+    """vmap makes per-client convolutions one grouped convolution; its backward must not count G x."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    m = 5
+    weights = {"weight": conv.weight.detach().unsqueeze(0).repeat(m, 1, 1, 1, 1).requires_grad_(True)}
+    x = torch.randn(m, 2, 4, 8, 8)
+
+    def batched() -> None:
+        h = C.batched_forward(conv, weights, x)
+        torch.autograd.grad(h.sum(), [weights["weight"]])
+
+    def loop() -> None:
+        for i in range(m):
+            w = weights["weight"][i].detach().requires_grad_(True)
+            h = torch.nn.functional.conv2d(x[i], w, padding=1)
+            torch.autograd.grad(h.sum(), [w])
+
+    per_forward = 2 * (2 * 6 * 8 * 8) * 4 * 9  # 2 FLOPs x outputs x (C_in x 3 x 3), per client
+    assert count_flops(loop) == m * 2 * per_forward  # forward + weight gradient
+    assert count_flops(batched) == count_flops(loop)
