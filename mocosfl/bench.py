@@ -148,6 +148,8 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
 
 
 def _child(cfg: Config, n: int) -> dict[str, Any]:
+    if cfg.pretrain.num_threads:  # a spawned process starts with torch's default thread count
+        torch.set_num_threads(cfg.pretrain.num_threads)
     return bench_one(cfg, n, log=lambda s: print(s, file=sys.stderr, flush=True))
 
 
