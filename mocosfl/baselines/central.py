@@ -19,7 +19,6 @@ from mocosfl.data.augment import MocoV2Augment
 from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
 from mocosfl.sfl.server import KeyQueue, ema_update_module
 from mocosfl.sfl.trainer import (
-    KnnData,
     TrainingDiverged,
     TrainLoop,
     _rng,
@@ -78,18 +77,9 @@ class CentralTrainer(TrainLoop):
     of the pool, cut into consecutive batches (without replacement within an epoch).
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        train_x: np.ndarray,
-        shards: list[np.ndarray],
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        knn: KnnData | None = None,
-        device: torch.device | str = "cpu",
-    ):
-        super().__init__(cfg, train_x, shards, mean, std, knn, device)
-        self.pool = np.sort(np.concatenate(shards))  # [n] training-image indices the clients hold
+    def setup(self) -> None:
+        cfg, mean, std = self.cfg, self.mean, self.std
+        self.pool = np.sort(np.concatenate(self.shards))  # [n] training-image indices the clients hold
         self.moco = CentralMoco(cfg, mean, std, self.plan.batch_size, self.plan.total_steps, self.device)
 
     def batch_indices(self, step: int) -> np.ndarray:

@@ -20,7 +20,6 @@ from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count
 from mocosfl.sfl import clients as C
 from mocosfl.sfl.server import PerClientQueue
 from mocosfl.sfl.trainer import (
-    KnnData,
     TrainingDiverged,
     TrainLoop,
     _torch_gen,
@@ -51,17 +50,8 @@ class FLMocoTrainer(TrainLoop):
     at width 16, M=20, b=1 it is ~5x faster than a Python loop over clients.
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        train_x: np.ndarray,
-        shards: list[np.ndarray],
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        knn: KnnData | None = None,
-        device: torch.device | str = "cpu",
-    ):
-        super().__init__(cfg, train_x, shards, mean, std, knn, device)
+    def setup(self) -> None:
+        cfg, mean, std = self.cfg, self.mean, self.std
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
         self.module = build_full_model(cfg).to(self.device)
         self.global_params = C.module_params(self.module)

@@ -211,8 +211,9 @@ def step_samples(order: tuple[np.ndarray, ...], t_in_round: int, b: int) -> np.n
 class TrainLoop:
     """The step loop MocoSFL and the baselines share: history rows, kNN monitor, checkpoint calls.
 
-    Subclasses set the attributes below and implement ``advance`` (one step, returns the loss),
-    ``encoder``, ``state_dict``, ``load_state_dict`` and ``summary``.
+    All take the same constructor arguments. Subclasses build their own models in ``setup`` and
+    implement ``advance`` (one step, returns the loss), ``encoder``, ``state_dict``,
+    ``load_state_dict`` and ``summary``.
     """
 
     def __init__(
@@ -244,6 +245,11 @@ class TrainLoop:
         self.knn_seconds = 0.0  # kNN monitor time, kept out of train_seconds
         self.history: list[dict[str, float]] = []
         self.window_losses: list[float] = []  # losses since the last history row
+        self.setup()
+
+    def setup(self) -> None:
+        """The method's own models, optimizer and queue (called at the end of ``__init__``)."""
+        raise NotImplementedError
 
     def advance(self) -> float:
         raise NotImplementedError
@@ -310,17 +316,8 @@ class TrainLoop:
 class MocoSFLTrainer(TrainLoop):
     """Simulates N clients + one server on one machine; ``run`` trains, ``state_dict`` checkpoints."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        train_x: np.ndarray,
-        shards: list[np.ndarray],
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        knn: KnnData | None = None,
-        device: torch.device | str = "cpu",
-    ):
-        super().__init__(cfg, train_x, shards, mean, std, knn, device)
+    def setup(self) -> None:
+        cfg, mean, std = self.cfg, self.mean, self.std
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
         torch.manual_seed(cfg.seed)
         m = cfg.model
