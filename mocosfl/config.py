@@ -63,6 +63,8 @@ class SflConfig:
     stateful_clients: bool = False
     # Storage of the O(N) per-client state (stateful momentum, unsynced targets); compute stays float32.
     client_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    # memory: a tensor in RAM; file: a memory-mapped scratch file in pretrain.runs_dir (N beyond RAM)
+    client_state_storage: Literal["memory", "file"] = "memory"
     fedavg_weights: Literal["samples_seen", "shard_size"] = "samples_seen"
 
 

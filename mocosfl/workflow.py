@@ -171,13 +171,13 @@ def save_checkpoint(directory: Path, state: dict[str, Any], keep: int) -> Path:
     small = dict(state)
     bank_bytes = 0
     for name, value in state.items():
-        if name.endswith(BANK_SUFFIX) and isinstance(value, torch.Tensor):
+        if name.endswith(BANK_SUFFIX) and isinstance(value, C.ClientStateBank):
             bank = directory / f"{path.stem}.{name}.npy"
             tmp = directory / f".{bank.name}.tmp-{os.getpid()}"
-            C.write_npy(value, tmp)
+            value.save(tmp)
             os.replace(tmp, bank)
-            small[name] = {"npy": bank.name, "shape": list(value.shape)}
-            bank_bytes += value.numel() * value.element_size()
+            small[name] = {"npy": bank.name, "shape": list(value.flat.shape)}
+            bank_bytes += value.nbytes
     tmp = directory / f".{path.name}.tmp-{os.getpid()}"
     torch.save(small, tmp)
     os.replace(tmp, path)

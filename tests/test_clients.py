@@ -247,7 +247,7 @@ def test_state_bank_is_one_block_that_round_trips_through_a_file(tmp_path) -> No
     bank = C.ClientStateBank(template, 4, fill="copy")
     assert bank.flat.shape == (4, 9) and bank.nbytes == 4 * 9 * 4
     bank.scatter(torch.tensor([2]), {"w": torch.ones(1, 2, 3), "b": torch.zeros(1, 3)})
-    C.write_npy(bank.flat, tmp_path / "bank.npy")
+    bank.save(tmp_path / "bank.npy")
     other = C.ClientStateBank(template, 4)
     other.load_(tmp_path / "bank.npy")
     assert torch.equal(other.flat, bank.flat)
@@ -263,7 +263,30 @@ def test_bfloat16_state_bank_halves_memory_and_hands_out_float32(tmp_path) -> No
     assert got.dtype == torch.float32
     torch.testing.assert_close(got[0], template["w"], rtol=1 / 128, atol=0)  # bfloat16: 8 significant bits
     torch.testing.assert_close(got[0], template["w"].bfloat16().float(), rtol=0, atol=0)
-    C.write_npy(bank.flat, tmp_path / "bank.npy")  # numpy has no bfloat16: stored as its int16 bits
+    bank.save(tmp_path / "bank.npy")  # numpy has no bfloat16: stored as its int16 bits
     other = C.ClientStateBank(template, 4, storage_dtype=torch.bfloat16)
     other.load_(tmp_path / "bank.npy")
     assert torch.equal(other.flat, bank.flat)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_file_backed_state_bank_behaves_like_the_in_memory_one(tmp_path, dtype: torch.dtype) -> None:
+    template = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    ram = C.ClientStateBank(template, 50, fill="copy", storage_dtype=dtype)
+    disk = C.ClientStateBank(template, 50, fill="copy", storage_dtype=dtype, file_dir=tmp_path / "scratch")
+    assert list((tmp_path / "scratch").iterdir()) == []  # the scratch file is unlinked at once
+    assert torch.equal(disk.flat, ram.flat) and disk.nbytes == ram.nbytes
+    for r in range(3):
+        ids = torch.randperm(50, generator=torch.Generator().manual_seed(r))[:7]
+        values = {k: torch.randn(7, *v.shape) for k, v in template.items()}
+        ram.scatter(ids, values)
+        disk.scatter(ids, values)
+        for k in template:
+            assert torch.equal(disk.gather(ids)[k], ram.gather(ids)[k])
+    assert torch.equal(disk.flat, ram.flat)
+    disk.save(tmp_path / "bank.npy")
+    again = C.ClientStateBank(template, 50, storage_dtype=dtype, file_dir=tmp_path / "scratch")
+    again.load_(tmp_path / "bank.npy")
+    assert torch.equal(again.flat, ram.flat)
+    again.load_(C.ClientStateBank(template, 50, storage_dtype=dtype))  # from another bank: zeros
+    assert not again.flat.any()

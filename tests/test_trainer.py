@@ -73,6 +73,8 @@ def assert_state_equal(a, b, path: str = "") -> None:
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_state_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, C.ClientStateBank):
+        assert isinstance(b, C.ClientStateBank) and torch.equal(a.flat, b.flat), path
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
     else:
@@ -338,8 +340,9 @@ VARIANTS = {
     "default": {},
     "sampled+stateful+unsynced+private-queues": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
                                                   "sfl.sync_targets": False, "moco.feature_sharing": False},
-    "stateful+unsynced, bfloat16 state": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
-                                          "sfl.sync_targets": False, "sfl.client_state_dtype": "bfloat16"},
+    "stateful+unsynced, bfloat16 state in a file": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
+                                                    "sfl.sync_targets": False, "sfl.client_state_dtype": "bfloat16",
+                                                    "sfl.client_state_storage": "file"},
 }
 
 

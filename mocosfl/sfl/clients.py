@@ -7,7 +7,10 @@ SGD, EMA and FedAvg are single tensor ops over that dimension (no loop over clie
 
 from __future__ import annotations
 
+import mmap
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +101,17 @@ class ClientStateBank:
     """Per-client copies of one parameter set for all N clients, gathered/scattered per round.
 
     Used for stateful SGD momentum and for client targets when they are not synced. Stored as one
-    [N, P] tensor (P = parameters per client), so the O(N) state costs exactly N * P * 4 bytes and is
-    written to and read from checkpoints as one contiguous block (``save``/``load_``).
+    [N, P] tensor (P = parameters per client), so the O(N) state costs exactly N * P * element bytes
+    and is written to and read from checkpoints as one contiguous block (``save``/``load_``).
+
+    With ``file_dir`` the tensor is a shared memory map of a scratch file in that folder (unlinked at
+    once, so nothing is left behind however the process ends): after every gather, scatter, save or
+    load the mapped pages are handed back to the kernel, so the process holds only the round's M
+    rows and the rest lives in the page cache or on disk, for N beyond what RAM should hold.
     """
 
     def __init__(self, template: Params, num_clients: int, fill: str = "zeros",
-                 storage_dtype: torch.dtype | None = None):
+                 storage_dtype: torch.dtype | None = None, file_dir: Path | None = None):
         """``storage_dtype`` (default: the template's) may be narrower, e.g. bfloat16 to halve the
         bank; values are rounded to it on ``scatter`` and handed out in the template's dtype."""
         if fill not in ("zeros", "copy"):
@@ -115,13 +123,38 @@ class ClientStateBank:
         self.dtype = first.dtype  # what gather returns
         self.shapes = {k: v.shape for k, v in template.items()}
         self.sizes = [v.numel() for v in template.values()]
-        self.flat = torch.empty((num_clients, sum(self.sizes)), dtype=storage_dtype or first.dtype,
-                                device=first.device)
-        # Written either way, so every page is resident from the start: memory use shows its real cost.
-        if fill == "zeros":
-            self.flat.zero_()
+        shape, dtype = (num_clients, sum(self.sizes)), storage_dtype or first.dtype
+        self._map: mmap.mmap | None = None
+        if file_dir is None:
+            self.flat = torch.empty(shape, dtype=dtype, device=first.device)
         else:
-            self.flat.copy_(flatten({k: v.unsqueeze(0) for k, v in template.items()}).expand_as(self.flat))
+            if first.device.type != "cpu":
+                raise ValueError("a file-backed client state bank lives on the CPU")
+            nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+            Path(file_dir).mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".client-state-", dir=file_dir)
+            try:
+                os.unlink(name)  # the mapping keeps the data; the disk space goes when the process does
+                os.ftruncate(fd, nbytes)
+                self._map = mmap.mmap(fd, nbytes)  # MAP_SHARED: pages can be dropped and re-read
+            finally:
+                os.close(fd)
+            self.flat = torch.frombuffer(self._map, dtype=dtype).view(shape)
+        # Every value is written, block by block, so the state is really there from the start
+        # (resident in memory, or in the file), not lazily zero pages.
+        row = flatten({k: v.unsqueeze(0) for k, v in template.items()}).to(dtype)
+        for lo in range(0, shape[0], self._block_rows()):
+            block = self.flat[lo:lo + self._block_rows()]
+            block.zero_() if fill == "zeros" else block.copy_(row.expand_as(block))
+            self.release()
+
+    def _block_rows(self) -> int:
+        return max(1, _READ_BLOCK // max(1, self.flat.shape[1] * self.flat.element_size()))
+
+    def release(self) -> None:
+        """Hand a file-backed bank's pages back to the kernel (they stay in the file); no-op in memory."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     @property
     def tensors(self) -> Params:
@@ -135,27 +168,45 @@ class ClientStateBank:
     def gather(self, ids: torch.Tensor) -> Params:
         """Copies of the given clients' state.  Shape per parameter: [M, *shape]."""
         rows = self.flat.index_select(0, ids.to(self.flat.device)).to(self.dtype)
+        self.release()
         return {k: v.contiguous() for k, v in _unflatten(rows, self.shapes, self.sizes).items()}
 
     @torch.no_grad()
     def scatter(self, ids: torch.Tensor, values: Params) -> None:
         rows = flatten({k: values[k] for k in self.shapes}).to(self.flat.dtype)
         self.flat.index_copy_(0, ids.to(self.flat.device), rows)
+        self.release()
+
+    def save(self, path: Path) -> None:
+        """Write the bank as a .npy file, block by block (never a second copy in memory)."""
+        arr = _numpy_view(self.flat[:1].cpu())
+        header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
+                  "shape": tuple(self.flat.shape)}
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for lo in range(0, self.flat.shape[0], self._block_rows()):
+                block = self.flat[lo:lo + self._block_rows()].cpu().contiguous()
+                f.write(memoryview(_numpy_view(block)).cast("B"))  # type: ignore[arg-type]  # a buffer
+                self.release()
 
     @torch.no_grad()
-    def load_(self, source: torch.Tensor | str | os.PathLike[str]) -> None:
-        """Fill the bank from a tensor of the same shape or from a file written by ``save``.
+    def load_(self, source: ClientStateBank | torch.Tensor | str | os.PathLike[str]) -> None:
+        """Fill the bank from another bank, a tensor of the same shape or a file written by ``save``.
 
         A file is read straight into the bank's memory, block by block: resuming never holds a
         second copy of an O(N) bank.
         """
+        if isinstance(source, ClientStateBank):
+            source = source.flat
         if isinstance(source, torch.Tensor):
             if source.shape != self.flat.shape or source.dtype != self.flat.dtype:
                 raise ValueError(f"state bank of shape {tuple(self.flat.shape)} {self.flat.dtype} cannot load "
                                  f"{tuple(source.shape)} {source.dtype}")
-            self.flat.copy_(source)
+            for lo in range(0, self.flat.shape[0], self._block_rows()):
+                self.flat[lo:lo + self._block_rows()].copy_(source[lo:lo + self._block_rows()])
+                self.release()
         else:
-            read_npy_into(Path(source), self.flat)
+            read_npy_into(Path(source), self.flat, after_block=self.release)
 
 
 def flatten(stacked: Params) -> torch.Tensor:
@@ -178,13 +229,6 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def write_npy(tensor: torch.Tensor, path: Path) -> None:
-    """Write a CPU tensor as a .npy file, streamed from its own memory (no copy when contiguous)."""
-    arr = _numpy_view(tensor.detach().cpu().contiguous())
-    with open(path, "wb") as f:
-        np.lib.format.write_array(f, arr, allow_pickle=False)
-
-
 def _npy_header(f: Any, path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of an open .npy file, which must hold a C-ordered array and nothing after it."""
     version = np.lib.format.read_magic(f)
@@ -205,8 +249,8 @@ def check_npy(path: Path, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{path.name}: holds shape {got}, expected {tuple(shape)}")
 
 
-def read_npy_into(path: Path, out: torch.Tensor) -> None:
-    """Read a .npy file written by ``write_npy`` into ``out`` (same shape and dtype), block by block."""
+def read_npy_into(path: Path, out: torch.Tensor, after_block: Callable[[], None] | None = None) -> None:
+    """Read a .npy file (``ClientStateBank.save``) into ``out`` (same shape and dtype), block by block."""
     target = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty_like(out, device="cpu")
     arr = _numpy_view(target)
     with open(path, "rb") as f:
@@ -220,5 +264,7 @@ def read_npy_into(path: Path, out: torch.Tensor) -> None:
             if not n:
                 raise ValueError(f"{path.name}: truncated ({pos} of {len(view)} bytes)")
             pos += n
+            if after_block is not None:
+                after_block()
     if target is not out:
         out.copy_(target)

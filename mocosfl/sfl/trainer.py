@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -339,11 +340,11 @@ class MocoSFLTrainer(TrainLoop):
         self.global_params = C.module_params(self.client_module)
         self.global_target = {k: v.clone() for k, v in self.global_params.items()}
         n = self.plan.num_clients
-        store = getattr(torch, cfg.sfl.client_state_dtype)
-        self.momentum_bank = (C.ClientStateBank(self.global_params, n, storage_dtype=store)
-                              if cfg.sfl.stateful_clients else None)
+        bank = {"storage_dtype": getattr(torch, cfg.sfl.client_state_dtype),
+                "file_dir": Path(cfg.pretrain.runs_dir) if cfg.sfl.client_state_storage == "file" else None}
+        self.momentum_bank = C.ClientStateBank(self.global_params, n, **bank) if cfg.sfl.stateful_clients else None
         self.target_bank = (None if cfg.sfl.sync_targets
-                            else C.ClientStateBank(self.global_params, n, fill="copy", storage_dtype=store))
+                            else C.ClientStateBank(self.global_params, n, fill="copy", **bank))
 
         queue_gen = _torch_gen(cfg.seed, 7)
         dim = m.proj_dim
@@ -511,9 +512,9 @@ class MocoSFLTrainer(TrainLoop):
             state["round"] = {"ids": self.round_ids, "p": {k: v.detach() for k, v in self.p.items()},
                               "t": self.t, "mom": self.mom}
         if self.momentum_bank is not None:
-            state["momentum_bank"] = self.momentum_bank.flat
+            state["momentum_bank"] = self.momentum_bank  # saved to its own file by save_checkpoint
         if self.target_bank is not None:
-            state["target_bank"] = self.target_bank.flat
+            state["target_bank"] = self.target_bank
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -531,7 +532,7 @@ class MocoSFLTrainer(TrainLoop):
         self.history = list(state["history"])
         self.window_losses = list(state["window_losses"])
         if self.momentum_bank is not None:
-            self.momentum_bank.load_(state["momentum_bank"])  # a tensor, or the checkpoint's .npy file
+            self.momentum_bank.load_(state["momentum_bank"])  # a bank, or the checkpoint's .npy file
         if self.target_bank is not None:
             self.target_bank.load_(state["target_bank"])
         if "round" in state:
