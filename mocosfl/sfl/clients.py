@@ -145,7 +145,10 @@ class ClientStateBank:
         row = flatten({k: v.unsqueeze(0) for k, v in template.items()}).to(dtype)
         for lo in range(0, shape[0], self._block_rows()):
             block = self.flat[lo:lo + self._block_rows()]
-            block.zero_() if fill == "zeros" else block.copy_(row.expand_as(block))
+            if fill == "zeros":
+                block.zero_()
+            else:
+                block.copy_(row.expand_as(block))
             self.release()
 
     def _block_rows(self) -> int:
