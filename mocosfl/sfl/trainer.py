@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ class KnnData:
     num_classes: int
 
 
-def moco_loss(
+def moco_terms(
     server: Callable[[torch.Tensor], torch.Tensor],
     server_target: Callable[[torch.Tensor], torch.Tensor],
     h_q: torch.Tensor,
@@ -135,54 +135,44 @@ def moco_loss(
     negatives: torch.Tensor,
     temperature: float,
     symmetric: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoCo v2 loss on the server; returns (loss, keys to enqueue).
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The MoCo v2 loss on the server, one term at a time: yields (term, keys of that term).
 
-    Symmetric (the reference): L(f_s(h_q), f̄_s(h_k)) + L(f_s(h_k), f̄_s(h_q)), both terms in
-    one forward of 2B.  Shape: h_q, h_k [B, ...]; negatives [K, D] or [B, K, D];
-    keys [2B, D] (symmetric) or [B, D].
-    """
-    if symmetric:
-        q = F.normalize(server(torch.cat([h_q, h_k.detach()])), dim=1)  # [2B, D]
-        with torch.no_grad():
-            k = F.normalize(server_target(torch.cat([h_k, h_q.detach()])), dim=1)  # [2B, D]
-        if negatives.dim() == 3:
-            negatives = torch.cat([negatives, negatives])
-        # Mean over each half summed = 2 x mean over both halves.
-        return 2.0 * info_nce(q, k, negatives, temperature), k
-    q = F.normalize(server(h_q), dim=1)
-    with torch.no_grad():
-        k = F.normalize(server_target(h_k), dim=1)
-    return info_nce(q, k, negatives, temperature), k
-
-
-def moco_backward(
-    server: Callable[[torch.Tensor], torch.Tensor],
-    server_target: Callable[[torch.Tensor], torch.Tensor],
-    h_q: torch.Tensor,
-    h_k: torch.Tensor,
-    negatives: torch.Tensor,
-    temperature: float,
-    symmetric: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moco_loss(...)`` and its backward pass, one loss term at a time; returns (detached loss, keys).
-
-    The symmetric loss's two terms share no online activations, so back-propagating each before
-    computing the next halves the server's peak activation memory (1.1 GB less per step at width 64,
-    B=100). Gradients accumulate into the server's parameters and ``h_q.grad`` as one backward of the
-    sum would (equal up to float rounding); keys come out in ``moco_loss``'s order.
+    Symmetric (the reference): L(f_s(h_q), f̄_s(h_k)) + L(f_s(h_k), f̄_s(h_q)), else the first term.
+    The terms share no online activations, so a caller may back-propagate each before the next is
+    computed.  Shape: h_q, h_k [B, ...]; negatives [K, D] or [B, K, D]; each term's keys [B, D].
     """
     pairs = [(h_q, h_k)] + ([(h_k.detach(), h_q.detach())] if symmetric else [])
-    total = torch.zeros((), device=h_q.device)
-    keys = []
     for online_in, target_in in pairs:
         q = F.normalize(server(online_in), dim=1)
         with torch.no_grad():
             k = F.normalize(server_target(target_in), dim=1)
-        term = info_nce(q, k, negatives, temperature)
+        yield info_nce(q, k, negatives, temperature), k
+
+
+def moco_loss(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole loss with its graph, and the keys to enqueue ([2B, D] symmetric, [B, D] not).
+
+    Same arguments as ``moco_terms``.
+    """
+    terms, keys = zip(*moco_terms(*args, **kwargs), strict=True)
+    return sum(terms[1:], terms[0]), torch.cat(keys)
+
+
+def moco_backward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moco_loss(...)`` and its backward pass, one term at a time; returns (detached loss, keys).
+
+    Back-propagating each term before computing the next halves the server's peak activation
+    memory (1.1 GB less per step at width 64, B=100). Gradients accumulate into the server's
+    parameters and ``h_q.grad`` as one backward of the sum would (equal up to float rounding).
+    Same arguments as ``moco_terms``.
+    """
+    total, keys = None, []
+    for term, k in moco_terms(*args, **kwargs):
         term.backward()
-        total += term.detach()
+        total = term.detach() if total is None else total + term.detach()
         keys.append(k)
+    assert total is not None
     return total, torch.cat(keys)
 
 
@@ -428,11 +418,10 @@ class MocoSFLTrainer(TrainLoop):
         smashed_k = h_k.flatten(0, 1)
         self.bytes_up += smashed_q.numel() * smashed_q.element_size() * 2
 
-        client_of_sample = self.round_ids.repeat_interleave(b).to(self.device)
         if isinstance(self.queue, KeyQueue):
             negatives = self.queue.keys  # no copy: the queue is only written after backward
         else:
-            negatives = self.queue.negatives(client_of_sample)
+            negatives = self.queue.negatives(self.round_ids.repeat_interleave(b).to(self.device))
         lr = cosine_lr(cfg.pretrain.lr, self.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
