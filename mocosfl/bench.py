@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mocosfl import runtime
 from mocosfl.baselines.central import CentralMoco
 from mocosfl.config import Config
 from mocosfl.costs import count_flops, peak_rss_mb
@@ -148,8 +149,7 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
 
 
 def _child(cfg: Config, n: int) -> dict[str, Any]:
-    if cfg.pretrain.num_threads:  # a spawned process starts with torch's default thread count
-        torch.set_num_threads(cfg.pretrain.num_threads)
+    runtime.configure(cfg.pretrain.num_threads)  # a spawned process starts with the defaults
     return bench_one(cfg, n, log=lambda s: print(s, file=sys.stderr, flush=True))
 
 

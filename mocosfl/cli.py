@@ -196,11 +196,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(args.params, args.profile, args.overrides)
     if args.command == "config":
         return {"config": to_yaml(cfg)}
-    import torch
+    from mocosfl import runtime, workflow
 
-    if cfg.pretrain.num_threads:
-        torch.set_num_threads(cfg.pretrain.num_threads)
-    from mocosfl import workflow
+    runtime.configure(cfg.pretrain.num_threads)
 
     commands: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
         "prepare": cmd_prepare,
