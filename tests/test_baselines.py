@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call, vmap
 
 from mocosfl.baselines.central import CentralTrainer
 from mocosfl.baselines.flmoco import FLMocoTrainer, build_full_model
 from mocosfl.config import Config, load_config
 from mocosfl.costs import count_flops, flmoco_client_flops, mocosfl_client_flops
 from mocosfl.data.partition import partition_indices
-from mocosfl.models.resnet import count_params
+from mocosfl.models.resnet import MIN_GROUP_CHANNELS, WSConv2d, count_params
 from mocosfl.sfl import clients as C
 from mocosfl.sfl.server import ema_update_module
 from mocosfl.sfl.trainer import MocoSFLTrainer, TrainLoop, cosine_lr, moco_loss
@@ -217,24 +218,30 @@ def test_flmoco_client_runs_the_whole_network() -> None:
     assert flmoco_client_flops(cfg, 4, 16) == pytest.approx(fl)  # per image, whatever the batch
 
 
-def test_vmapped_client_convolutions_count_as_many_flops_as_a_loop_over_clients() -> None:
-    """vmap makes per-client convolutions one grouped convolution; its backward must not count G x."""
+@pytest.mark.parametrize("path", ["folded", "vmap"])
+def test_stacked_client_convolutions_count_as_many_flops_as_a_loop_over_clients(path: str) -> None:
+    """Stacked clients' convolutions are grouped ones (folded for MocoSFL, vmap for FL-MoCo); the
+    backward of a grouped convolution must not count G x."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    c_in = MIN_GROUP_CHANNELS  # no zero-padding of the groups, so the counts can match exactly
+    conv = WSConv2d(c_in, 6, 3, padding=1, bias=False)
     m = 5
     weights = {"weight": conv.weight.detach().unsqueeze(0).repeat(m, 1, 1, 1, 1).requires_grad_(True)}
-    x = torch.randn(m, 2, 4, 8, 8)
+    x = torch.randn(m, 2, c_in, 8, 8)
 
     def batched() -> None:
-        h = C.batched_forward(conv, weights, x)
+        if path == "folded":
+            h = C.batched_forward(conv, weights, x)
+        else:
+            h = vmap(lambda p, xi: functional_call(conv, p, (xi,)))(weights, x)
         torch.autograd.grad(h.sum(), [weights["weight"]])
 
     def loop() -> None:
         for i in range(m):
             w = weights["weight"][i].detach().requires_grad_(True)
-            h = torch.nn.functional.conv2d(x[i], w, padding=1)
+            h = functional_call(conv, {"weight": w}, (x[i],))
             torch.autograd.grad(h.sum(), [w])
 
-    per_forward = 2 * (2 * 6 * 8 * 8) * 4 * 9  # 2 FLOPs x outputs x (C_in x 3 x 3), per client
+    per_forward = 2 * (2 * 6 * 8 * 8) * c_in * 9  # 2 FLOPs x outputs x (C_in x 3 x 3), per client
     assert count_flops(loop) == m * 2 * per_forward  # forward + weight gradient
     assert count_flops(batched) == count_flops(loop)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mocosfl.models.resnet import build_split_model
+from mocosfl.models.resnet import MIN_GROUP_CHANNELS, build_split_model
 from mocosfl.sfl import clients as C
 
 M, B, WIDTH, SIZE = 4, 2, 4, 8
@@ -24,10 +24,10 @@ def _assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = 
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=msg)
 
 
-def _setup(cut: int, seed: int = 0) -> tuple[nn.Module, C.Params, list[nn.Module], torch.Tensor]:
+def _setup(cut: int, seed: int = 0, width: int = WIDTH) -> tuple[nn.Module, C.Params, list[nn.Module], torch.Tensor]:
     """Template module, stacked params whose clients all differ, equal per-client module copies, inputs."""
     torch.manual_seed(seed)
-    module, _ = build_split_model(WIDTH, cut, gn_groups=32)
+    module, _ = build_split_model(width, cut, gn_groups=32)
     stacked = C.stack(C.module_params(module), M)
     with torch.no_grad():
         for v in stacked.values():
@@ -64,11 +64,16 @@ def _loop_backward(models: list[nn.Module], x: torch.Tensor, seed: int) -> None:
 # ---------------------------------------------------------------- forward and gradients
 
 
-@pytest.mark.parametrize("cut", [1, 3])
-def test_batched_forward_equals_loop(cut: int) -> None:
-    module, stacked, models, x = _setup(cut)
+# Width 4: every client convolution has < MIN_GROUP_CHANNELS inputs and runs zero-padded; width 8:
+# only the stem does, the 8 -> 8 convolutions run as they are.
+CASES = [(1, 4), (3, 4), (5, 4), (3, MIN_GROUP_CHANNELS)]
+
+
+@pytest.mark.parametrize(("cut", "width"), CASES)
+def test_batched_forward_equals_loop(cut: int, width: int) -> None:
+    module, stacked, models, x = _setup(cut, width=width)
     out = C.batched_forward(module, stacked, x)
-    assert out.shape == (M, B, WIDTH, SIZE, SIZE)
+    assert out.shape == (M, B, width, SIZE, SIZE)
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m(x[i]), **TOL)
 
@@ -81,14 +86,22 @@ def test_batched_forward_uses_each_clients_own_weights() -> None:
         assert not torch.allclose(out[0], out[i])
 
 
-@pytest.mark.parametrize("cut", [1, 3])
-def test_batched_gradients_equal_loop(cut: int) -> None:
-    module, stacked, models, x = _setup(cut)
+@pytest.mark.parametrize(("cut", "width"), CASES)
+def test_batched_gradients_equal_loop(cut: int, width: int) -> None:
+    module, stacked, models, x = _setup(cut, width=width)
     grads = _batched_grads(module, stacked, x, seed=5)
     _loop_backward(models, x, seed=5)
     for i, m in enumerate(models):
         for name, p in m.named_parameters():
             _assert_grad_close(grads[name][i], p.grad, msg=f"{name} client {i}")
+
+
+def test_only_stackable_layers_run_stacked() -> None:
+    module, _, _, _ = _setup(3)
+    C.check_stackable(module)  # the split ResNet's client models are
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"client layer '0' \(Conv2d\) cannot run stacked"):
+        C.check_stackable(plain)
 
 
 # ---------------------------------------------------------------- SGD

