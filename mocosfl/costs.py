@@ -34,8 +34,9 @@ def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: 
     """torch's convolution_backward formula with grad_weight divided by ``groups``.
 
     torch (2.14) counts a grouped convolution's weight gradient as if groups were 1, i.e. G times too
-    much. vmap over per-client weights turns each client convolution into one grouped convolution
-    (G = M participants), so uncorrected a cut-5 MocoSFL step counted 3.8 TFLOP instead of ~0.9.
+    much. Stacked clients (folded for MocoSFL, vmap for FL-MoCo) run each client convolution as one
+    grouped convolution (G = M participants), so uncorrected a cut-5 MocoSFL step counted 3.8 TFLOP
+    instead of ~0.9.
     """
 
     def t(shape: list[int]) -> list[int]:
