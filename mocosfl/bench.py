@@ -63,8 +63,14 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
     device = resolve_device(cfg.device)
     images, labels, mean, std = bench_data(cfg, n, log)
     run_cfg = cfg.replace(**{"partition.num_clients": n})
-    shards = partition_indices(labels, cfg.partition.method, n, cfg.seed,
-                               shards_per_client=cfg.partition.shards_per_client, alpha=cfg.partition.dirichlet_alpha)
+    shards = partition_indices(
+        labels,
+        cfg.partition.method,
+        n,
+        cfg.seed,
+        shards_per_client=cfg.partition.shards_per_client,
+        alpha=cfg.partition.dirichlet_alpha,
+    )
     steps = cfg.bench.warmup + cfg.bench.steps + 1  # +1: the step whose FLOPs are counted
     t0 = time.perf_counter()
     sim = MocoSFLTrainer(run_cfg.replace(**{"pretrain.steps": steps}), images, shards, mean, std, None, device)
@@ -77,8 +83,10 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
         central.train_step(images[rng.choice(len(images), batch, replace=False)])
 
     sim_t, central_t, sync_t, first = [], [], [], [0.0, 0.0]
-    log(f"N={n}: M={sim.plan.clients_per_round}, b={sim.plan.client_batch_size}, B={batch}, "
-        f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}")
+    log(
+        f"N={n}: M={sim.plan.clients_per_round}, b={sim.plan.client_batch_size}, B={batch}, "
+        f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}"
+    )
 
     def timed(fn: Callable[[], Any]) -> float:
         t = time.perf_counter()
@@ -143,8 +151,10 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
         "train_images_per_s": batch / sim_s,
         "augment_images_per_s": batch / _median(aug_t),
     }
-    log(f"  sim {sim_s * 1000:.1f} ms/step, central {central_s * 1000:.1f} ms/step, ratio {row['ratio']:.3f}, "
-        f"{row['gflops']:.1f} GFLOP/s, sync {row['sync_ms']:.2f} ms, peak RSS {row['peak_rss_mb']:.0f} MB")
+    log(
+        f"  sim {sim_s * 1000:.1f} ms/step, central {central_s * 1000:.1f} ms/step, ratio {row['ratio']:.3f}, "
+        f"{row['gflops']:.1f} GFLOP/s, sync {row['sync_ms']:.2f} ms, peak RSS {row['peak_rss_mb']:.0f} MB"
+    )
     return row
 
 
@@ -153,8 +163,7 @@ def _child(cfg: Config, n: int) -> dict[str, Any]:
     return bench_one(cfg, n, log=lambda s: print(s, file=sys.stderr, flush=True))
 
 
-def bench(cfg: Config, clients: list[int], log: Callable[[str], None] = print,
-          isolate: bool = True) -> dict[str, Any]:
+def bench(cfg: Config, clients: list[int], log: Callable[[str], None] = print, isolate: bool = True) -> dict[str, Any]:
     """One row per client count; ``isolate`` runs each in its own process (honest peak RSS)."""
     results = []
     for n in clients:

@@ -18,10 +18,19 @@ EPILOG = "KEY is a dotted path into params.yaml, e.g. --set sfl.sync_period=10 -
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="named profile from params.yaml (default: its top-level `profile:`)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value (repeatable)")
-    p.add_argument("--params", default=os.environ.get("MOCOSFL_PARAMS", "params.yaml"),
-                   help="path to params.yaml (default: ./params.yaml or $MOCOSFL_PARAMS)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    p.add_argument(
+        "--params",
+        default=os.environ.get("MOCOSFL_PARAMS", "params.yaml"),
+        help="path to params.yaml (default: ./params.yaml or $MOCOSFL_PARAMS)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _progress_bar(total: int, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr,
-                disable=os.environ.get("MOCOSFL_NO_PROGRESS") == "1")
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=os.environ.get("MOCOSFL_NO_PROGRESS") == "1",
+    )
 
 
 def cmd_prepare(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -84,8 +99,10 @@ def _tracking(cfg: Any) -> Any:
     try:
         from pipelines import tracking
     except ImportError as e:
-        print(f"warning: MLflow tracking is on but unavailable ({e}); set tracking.enabled=false "
-              "or run `make setup`", file=sys.stderr)
+        print(
+            f"warning: MLflow tracking is on but unavailable ({e}); set tracking.enabled=false or run `make setup`",
+            file=sys.stderr,
+        )
         return None
     return tracking
 
@@ -100,14 +117,22 @@ def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     def on_start(trainer: Any, directory: Path) -> None:
         plan = trainer.plan
-        print(f"run {directory} : N={plan.num_clients} M={plan.clients_per_round} b={plan.client_batch_size} "
-              f"B={plan.batch_size} steps={plan.total_steps} sync every {plan.sync_period}"
-              + (f" (resuming at step {trainer.step})" if trainer.step else ""), file=sys.stderr)
+        print(
+            f"run {directory} : N={plan.num_clients} M={plan.clients_per_round} b={plan.client_batch_size} "
+            f"B={plan.batch_size} steps={plan.total_steps} sync every {plan.sync_period}"
+            + (f" (resuming at step {trainer.step})" if trainer.step else ""),
+            file=sys.stderr,
+        )
         if tracking:
             # A resumed run continues its MLflow run (id kept next to its checkpoints).
-            run = stack.enter_context(tracking.mlflow_run(
-                cfg, f"pretrain-{directory.name}", run_id=tracking.read_run_id(directory),
-                tags={"stage": "pretrain", "run_hash": directory.name}))
+            run = stack.enter_context(
+                tracking.mlflow_run(
+                    cfg,
+                    f"pretrain-{directory.name}",
+                    run_id=tracking.read_run_id(directory),
+                    tags={"stage": "pretrain", "run_hash": directory.name},
+                )
+            )
             tracking.write_run_id(directory, run.info.run_id)
             state["run_id"] = run.info.run_id
         state["bar"] = _progress_bar(plan.total_steps, "pretrain")

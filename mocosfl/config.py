@@ -172,15 +172,34 @@ class Config:
 
 
 # Keys that name where things live, not what is computed: left out of run hashes.
-PATH_KEYS = {"profile", "data.source", "data.prepared_dir", "partition.out_dir",
-             "pretrain.runs_dir", "metrics_dir", "device", "pretrain.num_threads",
-             "pretrain.checkpoint_every", "pretrain.keep_checkpoints", "pretrain.compile"}
-_PATH_FIELDS = {"data.source", "data.prepared_dir", "partition.out_dir",
-                "pretrain.runs_dir", "metrics_dir", "tracking.db", "tune.storage", "tune.out_dir",
-                "report.out_dir"}
+PATH_KEYS = {
+    "profile",
+    "data.source",
+    "data.prepared_dir",
+    "partition.out_dir",
+    "pretrain.runs_dir",
+    "metrics_dir",
+    "device",
+    "pretrain.num_threads",
+    "pretrain.checkpoint_every",
+    "pretrain.keep_checkpoints",
+    "pretrain.compile",
+}
+_PATH_FIELDS = {
+    "data.source",
+    "data.prepared_dir",
+    "partition.out_dir",
+    "pretrain.runs_dir",
+    "metrics_dir",
+    "tracking.db",
+    "tune.storage",
+    "tune.out_dir",
+    "report.out_dir",
+}
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` coerced to ``tp`` or raise ConfigError naming ``key``."""
@@ -264,20 +283,50 @@ def _positive(key: str, value: Any, minimum: float = 1) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks that the types alone cannot express."""
-    for key in ["data.image_size", "partition.num_clients", "partition.shards_per_client",
-                "model.width", "model.proj_hidden_dim", "model.proj_dim", "model.gn_groups",
-                "sfl.clients_per_round", "sfl.client_batch_size", "sfl.sync_period",
-                "moco.queue_size", "pretrain.epochs", "pretrain.steps", "pretrain.knn_every",
-                "pretrain.knn_bank_size", "pretrain.knn_test_size", "pretrain.checkpoint_every",
-                "pretrain.keep_checkpoints", "pretrain.num_threads", "evaluate.knn_k",
-                "evaluate.linear_epochs", "evaluate.linear_batch_size", "evaluate.batch_size",
-                "bench.steps", "data.train_limit", "data.test_limit", "tune.n_trials", "tune.steps",
-                "tune.knn_every", "tune.sync_period_min", "tune.sync_period_max", "tune.queue_size_min",
-                "tune.queue_size_max"]:
+    for key in [
+        "data.image_size",
+        "partition.num_clients",
+        "partition.shards_per_client",
+        "model.width",
+        "model.proj_hidden_dim",
+        "model.proj_dim",
+        "model.gn_groups",
+        "sfl.clients_per_round",
+        "sfl.client_batch_size",
+        "sfl.sync_period",
+        "moco.queue_size",
+        "pretrain.epochs",
+        "pretrain.steps",
+        "pretrain.knn_every",
+        "pretrain.knn_bank_size",
+        "pretrain.knn_test_size",
+        "pretrain.checkpoint_every",
+        "pretrain.keep_checkpoints",
+        "pretrain.num_threads",
+        "evaluate.knn_k",
+        "evaluate.linear_epochs",
+        "evaluate.linear_batch_size",
+        "evaluate.batch_size",
+        "bench.steps",
+        "data.train_limit",
+        "data.test_limit",
+        "tune.n_trials",
+        "tune.steps",
+        "tune.knn_every",
+        "tune.sync_period_min",
+        "tune.sync_period_max",
+        "tune.queue_size_min",
+        "tune.queue_size_max",
+    ]:
         _positive(key, get_dotted(cfg, key))
     _positive("bench.warmup", cfg.bench.warmup, 0)
-    for key in ["partition.dirichlet_alpha", "moco.temperature", "pretrain.lr",
-                "evaluate.knn_temperature", "evaluate.linear_lr"]:
+    for key in [
+        "partition.dirichlet_alpha",
+        "moco.temperature",
+        "pretrain.lr",
+        "evaluate.knn_temperature",
+        "evaluate.linear_lr",
+    ]:
         if not get_dotted(cfg, key) > 0:
             raise ConfigError(f"{key}={get_dotted(cfg, key)!r} is invalid: must be > 0")
     if not 0 <= cfg.moco.ema < 1:
@@ -299,6 +348,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def get_dotted(obj: Any, key: str) -> Any:
     for part in key.split("."):

@@ -27,10 +27,21 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int], _bias: object,
-                        _stride: object, _padding: object, _dilation: object, transposed: bool,
-                        _output_padding: object, groups: int, output_mask: list[bool],
-                        out_shape: tuple[list[int] | None, ...], **_: object) -> int:
+def _conv_backward_flop(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: object,
+    _stride: object,
+    _padding: object,
+    _dilation: object,
+    transposed: bool,
+    _output_padding: object,
+    groups: int,
+    output_mask: list[bool],
+    out_shape: tuple[list[int] | None, ...],
+    **_: object,
+) -> int:
     """torch's convolution_backward formula with grad_weight divided by ``groups``.
 
     torch (2.14) counts a grouped convolution's weight gradient as if groups were 1, i.e. G times too
@@ -55,8 +66,7 @@ def _conv_backward_flop(grad_out_shape: list[int], x_shape: list[int], w_shape: 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn`` (forward and backward ops it runs), grouped convolutions counted right."""
-    counter = FlopCounterMode(display=False,
-                              custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
     with counter:
         fn()
     return int(counter.get_total_flops())

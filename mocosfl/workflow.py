@@ -54,6 +54,7 @@ def metrics_path(cfg: Config, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- data
 
+
 def prepare(cfg: Config, progress: Callable[[int, int], None] | None = None) -> Path:
     return prepare_dataset(cfg.data.source, cfg.data.prepared_dir, cfg.data.image_size, progress=progress)
 
@@ -104,14 +105,23 @@ def partition(cfg: Config) -> dict[str, Any]:
     """Split the training set into client shards; writes the index, summary and heat map."""
     ds = Dataset(cfg)
     pc = cfg.partition
-    shards = partition_indices(ds.train_y, pc.method, pc.num_clients, cfg.seed,
-                               shards_per_client=pc.shards_per_client, alpha=pc.dirichlet_alpha)
+    shards = partition_indices(
+        ds.train_y,
+        pc.method,
+        pc.num_clients,
+        cfg.seed,
+        shards_per_client=pc.shards_per_client,
+        alpha=pc.dirichlet_alpha,
+    )
     summary = partition_summary(ds.train_y, shards, ds.num_classes)
     summary.update(method=pc.method, seed=cfg.seed, dataset=ds.prepared.path.name)
     path = shards_path(cfg)
     save_shards(shards, path, {"summary": summary, "fingerprint": ds.fingerprint()})
-    plot_class_heatmap(class_counts(ds.train_y, shards, ds.num_classes), ds.prepared.classes,
-                       metrics_path(cfg, "partition_heatmap.png"))
+    plot_class_heatmap(
+        class_counts(ds.train_y, shards, ds.num_classes),
+        ds.prepared.classes,
+        metrics_path(cfg, "partition_heatmap.png"),
+    )
     summary["shards_file"] = str(path)
     write_json(metrics_path(cfg, "partition.json"), summary)
     return summary
@@ -128,6 +138,7 @@ def load_partition(cfg: Config, ds: Dataset) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- pretrain
+
 
 def data_hash(ds: Dataset, shards_file: Path) -> str:
     """Identity of the data a run trains on: the prepared labels/shape plus the shard index."""
@@ -225,15 +236,25 @@ def knn_data(cfg: Config, ds: Dataset) -> KnnData:
     )
 
 
-def make_trainer(method: str, cfg: Config, train_x: np.ndarray, shards: list[np.ndarray],
-                 mean: tuple[float, float, float], std: tuple[float, float, float], knn: KnnData | None,
-                 device: torch.device) -> TrainLoop:
+def make_trainer(
+    method: str,
+    cfg: Config,
+    train_x: np.ndarray,
+    shards: list[np.ndarray],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    knn: KnnData | None,
+    device: torch.device,
+) -> TrainLoop:
     """The trainer of ``method`` (one of METHODS); all take the same inputs and plan."""
     from mocosfl.baselines.central import CentralTrainer
     from mocosfl.baselines.flmoco import FLMocoTrainer
 
     classes: dict[str, type[MocoSFLTrainer] | type[CentralTrainer] | type[FLMocoTrainer]] = {
-        "mocosfl": MocoSFLTrainer, "central": CentralTrainer, "flmoco": FLMocoTrainer}
+        "mocosfl": MocoSFLTrainer,
+        "central": CentralTrainer,
+        "flmoco": FLMocoTrainer,
+    }
     if method not in classes:
         raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     return classes[method](cfg, train_x, shards, mean, std, knn, device)
@@ -244,8 +265,13 @@ def encoder_payload(trainer: TrainLoop) -> dict[str, Any]:
     m = trainer.cfg.model
     return {
         "format": ENCODER_FORMAT,
-        "model": {"width": m.width, "cut_layers": m.cut_layers, "gn_groups": m.gn_groups,
-                  "proj_hidden_dim": m.proj_hidden_dim, "proj_dim": m.proj_dim},
+        "model": {
+            "width": m.width,
+            "cut_layers": m.cut_layers,
+            "gn_groups": m.gn_groups,
+            "proj_hidden_dim": m.proj_hidden_dim,
+            "proj_dim": m.proj_dim,
+        },
         "client": enc.client.state_dict(),
         "backbone": enc.backbone.state_dict(),
         "image_size": trainer.cfg.data.image_size,
@@ -283,6 +309,7 @@ def pretrain(
     if on_start:
         on_start(trainer, directory)
     wall0 = time.perf_counter()
+
     def checkpoint(t: TrainLoop) -> None:
         save_checkpoint(directory, t.state_dict(), cfg.pretrain.keep_checkpoints)
 
@@ -312,6 +339,7 @@ def pretrain(
 
 # ----------------------------------------------------------------------------- evaluate
 
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
     """The trained encoder (client model + server backbone) as one frozen module in eval mode.
 
@@ -326,8 +354,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{path} is not a mocosfl encoder file")
     m = payload["model"]
-    client, server = build_split_model(m["width"], m["cut_layers"], m["proj_hidden_dim"], m["proj_dim"],
-                                       m["gn_groups"])
+    client, server = build_split_model(m["width"], m["cut_layers"], m["proj_hidden_dim"], m["proj_dim"], m["gn_groups"])
     enc = Encoder(client, server.backbone)
     enc.client.load_state_dict(payload["client"])
     enc.backbone.load_state_dict(payload["backbone"])
@@ -353,8 +380,13 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "moc
         enc = load_encoder(directory, device)
         source = str(directory)
     e = cfg.evaluate
-    kw: dict[str, Any] = dict(mean=ds.prepared.mean, std=ds.prepared.std, image_size=cfg.data.image_size,
-                              batch_size=e.batch_size, device=device)
+    kw: dict[str, Any] = dict(
+        mean=ds.prepared.mean,
+        std=ds.prepared.std,
+        image_size=cfg.data.image_size,
+        batch_size=e.batch_size,
+        device=device,
+    )
     t0 = time.perf_counter()
     log(f"extracting features of {len(ds.train_idx)} train + {len(ds.test_idx)} test images ...")
     train_f = extract_features(enc, ds.train_x(), **kw)
@@ -363,8 +395,18 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "moc
     test_y = torch.from_numpy(ds.test_y).long()
     knn = knn_top1(train_f, train_y, test_f, test_y, ds.num_classes, e.knn_k, e.knn_temperature)
     log(f"kNN top-1 {knn:.2f}%; training linear probe for {e.linear_epochs} epochs ...")
-    probe = linear_probe(train_f, train_y, test_f, test_y, ds.num_classes, e.linear_epochs, e.linear_lr,
-                         e.linear_batch_size, e.val_fraction, cfg.seed)
+    probe = linear_probe(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        ds.num_classes,
+        e.linear_epochs,
+        e.linear_lr,
+        e.linear_batch_size,
+        e.val_fraction,
+        cfg.seed,
+    )
     result = {
         "encoder": source,
         "knn_top1": knn,
@@ -383,8 +425,14 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "moc
     return result
 
 
-def embed(encoder_path: str | Path, source: str | Path, output: str | Path, image_size: int | None = None,
-          batch_size: int = 500, device: str = "auto") -> dict[str, Any]:
+def embed(
+    encoder_path: str | Path,
+    source: str | Path,
+    output: str | Path,
+    image_size: int | None = None,
+    batch_size: int = 500,
+    device: str = "auto",
+) -> dict[str, Any]:
     """Features of every image of an ImageFolder (train/ and test/ splits) into one .npz."""
     import tempfile
 
@@ -395,8 +443,13 @@ def embed(encoder_path: str | Path, source: str | Path, output: str | Path, imag
     with tempfile.TemporaryDirectory() as tmp:
         folder = prepare_dataset(source, tmp, size)
         data = load_prepared(source, tmp, size)
-        kw: dict[str, Any] = dict(mean=tuple(pre["mean"]), std=tuple(pre["std"]), image_size=pre["image_size"],
-                                  batch_size=batch_size, device=dev)
+        kw: dict[str, Any] = dict(
+            mean=tuple(pre["mean"]),
+            std=tuple(pre["std"]),
+            image_size=pre["image_size"],
+            batch_size=batch_size,
+            device=dev,
+        )
         arrays = {
             "train_features": extract_features(enc, np.asarray(data.train_x), **kw).numpy(),
             "train_labels": np.asarray(data.train_y),
@@ -410,6 +463,9 @@ def embed(encoder_path: str | Path, source: str | Path, output: str | Path, imag
     tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
     np.savez(tmp_out, **arrays)  # type: ignore[arg-type]
     os.replace(tmp_out, out)
-    return {"output": str(out), "train": len(arrays["train_labels"]), "test": len(arrays["test_labels"]),
-            "feature_dim": int(arrays["train_features"].shape[1])}
-
+    return {
+        "output": str(out),
+        "train": len(arrays["train_labels"]),
+        "test": len(arrays["test_labels"]),
+        "feature_dim": int(arrays["train_features"].shape[1]),
+    }

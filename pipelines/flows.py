@@ -40,9 +40,15 @@ def dvc_bin() -> str | None:
 
 def use_dvc(stage: str, profile: str, overrides: list[str]) -> bool:
     """DVC runs the stage only for the configuration it tracks: params.yaml exactly as written."""
-    return (stage != "tune" and not overrides and profile == params_profile()
-            and (ROOT / "dvc.yaml").exists() and (ROOT / ".dvc").is_dir() and dvc_bin() is not None
-            and os.environ.get("MOCOSFL_USE_DVC", "1") != "0")
+    return (
+        stage != "tune"
+        and not overrides
+        and profile == params_profile()
+        and (ROOT / "dvc.yaml").exists()
+        and (ROOT / ".dvc").is_dir()
+        and dvc_bin() is not None
+        and os.environ.get("MOCOSFL_USE_DVC", "1") != "0"
+    )
 
 
 def cli_args(stage: str, profile: str, overrides: list[str]) -> list[str]:

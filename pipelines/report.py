@@ -21,8 +21,12 @@ from pipelines import tracking
 
 CONFIG_SECTIONS = ("data", "partition", "model", "sfl", "moco", "pretrain")
 # metrics file -> the stage that writes it (named in the error when it is missing)
-REQUIRED = {"partition.json": "partition", "partition_heatmap.png": "partition",
-            "pretrain.json": "pretrain", "eval.json": "evaluate"}
+REQUIRED = {
+    "partition.json": "partition",
+    "partition_heatmap.png": "partition",
+    "pretrain.json": "pretrain",
+    "eval.json": "evaluate",
+}
 
 
 # A report is a list of (heading, blocks); a block is a paragraph (str) or one of these.
@@ -54,6 +58,7 @@ Block = str | Table | Code | Image | Link
 
 # ----------------------------------------------------------------------------- inputs
 
+
 def load_metrics(metrics_dir: Path) -> dict[str, Any]:
     """The metrics JSONs by stem; a missing one raises FileNotFoundError naming the stage to run."""
     for name, stage in REQUIRED.items():
@@ -76,6 +81,7 @@ def dataset_name(key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+
 
 def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -122,6 +128,7 @@ def write_plots(out_dir: Path, history: list[dict[str, float]], heatmap: Path) -
 
 # ----------------------------------------------------------------------------- content
 
+
 def _num(x: Any, fmt: str = ".2f", unit: str = "") -> str:
     return "n/a" if x is None else f"{x:{fmt}}{unit}"
 
@@ -133,12 +140,16 @@ def _mb(x: Any) -> str:
 def mlflow_blocks(cfg: Config, run_dir: Path) -> list[Block]:
     run_id = tracking.read_run_id(run_dir)
     if not tracking.enabled(cfg):
-        return ["MLflow tracking was off for this report (tracking.enabled=false or MOCOSFL_TRACKING=0)"
-                + (f"; the run directory records MLflow run {run_id}." if run_id else ".")]
+        return [
+            "MLflow tracking was off for this report (tracking.enabled=false or MOCOSFL_TRACKING=0)"
+            + (f"; the run directory records MLflow run {run_id}." if run_id else ".")
+        ]
     if run_id is None:
         return [f"No MLflow run recorded in {run_dir} (it was trained with tracking off)."]
-    return [Link(f"MLflow pretrain run {run_id}", tracking.run_url(cfg, run_id)),
-            f"Start the UI with `mlflow server --backend-store-uri {tracking.tracking_uri(cfg)}`."]
+    return [
+        Link(f"MLflow pretrain run {run_id}", tracking.run_url(cfg, run_id)),
+        f"Start the UI with `mlflow server --backend-store-uri {tracking.tracking_uri(cfg)}`.",
+    ]
 
 
 def build(cfg: Config, m: dict[str, Any], plots: list[str]) -> tuple[str, list[tuple[str, list[Block]]]]:
@@ -156,49 +167,80 @@ def build(cfg: Config, m: dict[str, Any], plots: list[str]) -> tuple[str, list[t
         overview.append(f"Warning: eval.json evaluated {ev['encoder']}, not this run: run `mocosfl evaluate` again.")
 
     results = Table(["metric", "trained"] + (["random init", "gain (points)"] if rnd else []), [])
-    for key, label in (("knn_top1", "kNN top-1 (%)"), ("linear_probe_top1", "linear probe top-1 (%)"),
-                       ("linear_probe_top1_final_epoch", "linear probe top-1, last epoch (%)")):
+    for key, label in (
+        ("knn_top1", "kNN top-1 (%)"),
+        ("linear_probe_top1", "linear probe top-1 (%)"),
+        ("linear_probe_top1_final_epoch", "linear probe top-1, last epoch (%)"),
+    ):
         row = [label, _num(ev.get(key))]
         if rnd:
             gain = ev[key] - rnd[key] if ev.get(key) is not None and rnd.get(key) is not None else None
             row += [_num(rnd.get(key)), _num(gain, "+.2f")]
         results.rows.append(row)
-    results.rows.append(["kNN monitor at the end of training (%)", _num(pre.get("knn_top1"))]
-                        + (["", ""] if rnd else []))
+    results.rows.append(
+        ["kNN monitor at the end of training (%)", _num(pre.get("knn_top1"))] + (["", ""] if rnd else [])
+    )
 
-    partition = Table(["", "min", "mean", "max"], [
-        ["samples per client", str(part["samples_per_client_min"]), _num(part["samples_per_client_mean"], ".1f"),
-         str(part["samples_per_client_max"])],
-        ["classes per client", str(part["classes_per_client_min"]), _num(part["classes_per_client_mean"], ".2f"),
-         str(part["classes_per_client_max"])],
-    ])
-    partition_text = (f"{part['num_clients']} clients, method {part.get('method', 'n/a')}, "
-                      f"{part.get('num_samples', 'n/a')} training images"
-                      + (f", {part['unassigned_samples']} left unassigned." if part.get("unassigned_samples") else "."))
+    partition = Table(
+        ["", "min", "mean", "max"],
+        [
+            [
+                "samples per client",
+                str(part["samples_per_client_min"]),
+                _num(part["samples_per_client_mean"], ".1f"),
+                str(part["samples_per_client_max"]),
+            ],
+            [
+                "classes per client",
+                str(part["classes_per_client_min"]),
+                _num(part["classes_per_client_mean"], ".2f"),
+                str(part["classes_per_client_max"]),
+            ],
+        ],
+    )
+    partition_text = (
+        f"{part['num_clients']} clients, method {part.get('method', 'n/a')}, "
+        f"{part.get('num_samples', 'n/a')} training images"
+        + (f", {part['unassigned_samples']} left unassigned." if part.get("unassigned_samples") else ".")
+    )
 
-    training = Table(["", ""], [
-        ["steps", f"{pre.get('steps')} of {pre.get('total_steps')} ({_num(pre.get('epochs'))} epochs)"],
-        ["clients per round x batch", f"{pre.get('clients_per_round')} x {pre.get('client_batch_size')} "
-                                      f"= {pre.get('batch_size')}"],
-        ["final loss", _num(pre.get("final_loss"), ".4f")],
-        ["train time", _num(pre.get("train_seconds"), ".1f", " s")],
-        ["kNN monitor time", _num(pre.get("knn_seconds"), ".1f", " s")],
-        ["speed", _num(pre.get("steps_per_s"), ".2f", " steps/s")],
-        ["evaluation time", _num(ev.get("seconds"), ".1f", " s")],
-    ])
-    communication = Table(["", ""], [
-        ["per client (up + down)", _mb(pre.get("bytes_per_client"))],
-        ["all clients, up (smashed data + client models)", _mb(pre.get("bytes_up_total"))],
-        ["all clients, down (gradients + global model)", _mb(pre.get("bytes_down_total"))],
-        ["client / server parameters", f"{pre.get('client_params')} / {pre.get('server_params')}"],
-    ])
+    training = Table(
+        ["", ""],
+        [
+            ["steps", f"{pre.get('steps')} of {pre.get('total_steps')} ({_num(pre.get('epochs'))} epochs)"],
+            [
+                "clients per round x batch",
+                f"{pre.get('clients_per_round')} x {pre.get('client_batch_size')} = {pre.get('batch_size')}",
+            ],
+            ["final loss", _num(pre.get("final_loss"), ".4f")],
+            ["train time", _num(pre.get("train_seconds"), ".1f", " s")],
+            ["kNN monitor time", _num(pre.get("knn_seconds"), ".1f", " s")],
+            ["speed", _num(pre.get("steps_per_s"), ".2f", " steps/s")],
+            ["evaluation time", _num(ev.get("seconds"), ".1f", " s")],
+        ],
+    )
+    communication = Table(
+        ["", ""],
+        [
+            ["per client (up + down)", _mb(pre.get("bytes_per_client"))],
+            ["all clients, up (smashed data + client models)", _mb(pre.get("bytes_up_total"))],
+            ["all clients, down (gradients + global model)", _mb(pre.get("bytes_down_total"))],
+            ["client / server parameters", f"{pre.get('client_params')} / {pre.get('server_params')}"],
+        ],
+    )
     curves: list[Block] = [Image(p, p[:-4]) for p in plots if p != "partition_heatmap.png"]
     config_yaml = yaml.safe_dump({s: conf[s] for s in CONFIG_SECTIONS if s in conf}, sort_keys=False)
 
     return title, [
         ("Overview", overview),
-        ("Results", [results, f"Evaluated on {ev.get('train_images')} train / {ev.get('test_images')} test "
-                              "images; the linear probe's epoch is chosen on a validation split."]),
+        (
+            "Results",
+            [
+                results,
+                f"Evaluated on {ev.get('train_images')} train / {ev.get('test_images')} test "
+                "images; the linear probe's epoch is chosen on a validation split.",
+            ],
+        ),
         ("Partition", [partition_text, partition, Image("partition_heatmap.png", "class counts per client")]),
         ("Training", [training, *curves]),
         ("Communication", [communication]),
@@ -208,6 +250,7 @@ def build(cfg: Config, m: dict[str, Any], plots: list[str]) -> tuple[str, list[t
 
 
 # ----------------------------------------------------------------------------- rendering
+
 
 def to_markdown(title: str, sections: list[tuple[str, list[Block]]]) -> str:
     lines = [f"# {title}", ""]
@@ -231,11 +274,13 @@ def to_markdown(title: str, sections: list[tuple[str, list[Block]]]) -> str:
 
 def to_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
     e = html.escape
-    parts = [f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
-             "img{max-width:100%;margin:.5em 0}pre{background:#f4f4f4;padding:.8em}</style></head><body>",
-             f"<h1>{e(title)}</h1>"]
+    parts = [
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+        "img{max-width:100%;margin:.5em 0}pre{background:#f4f4f4;padding:.8em}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
     for heading, blocks in sections:
         parts.append(f"<h2>{e(heading)}</h2>")
         for b in blocks:
@@ -271,5 +316,4 @@ def make_report(cfg: Config) -> dict[str, Any]:
     title, sections = build(cfg, m, plots)
     _atomic_text(out / "report.md", to_markdown(title, sections))
     _atomic_text(out / "report.html", to_html(title, sections))
-    return {"report": str(out / "report.md"), "html": str(out / "report.html"),
-            "plots": [str(out / p) for p in plots]}
+    return {"report": str(out / "report.md"), "html": str(out / "report.html"), "plots": [str(out / p) for p in plots]}

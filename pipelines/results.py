@@ -80,19 +80,38 @@ FULL = MAIN + [
 ]
 # The paper's Table 3 (linear probe, ResNet-18, non-IID = 2 classes per client), for a GPU: --profile paper.
 PAPER = [
-    Row(f"MocoSFL-{cut}, {'IID' if part == 'iid' else 'non-IID'}, N={n}", "mocosfl", f"table 3, N={n}",
-        {"model.cut_layers": cut, "partition.method": part, "partition.num_clients": n})
+    Row(
+        f"MocoSFL-{cut}, {'IID' if part == 'iid' else 'non-IID'}, N={n}",
+        "mocosfl",
+        f"table 3, N={n}",
+        {"model.cut_layers": cut, "partition.method": part, "partition.num_clients": n},
+    )
     for n in (100, 200, 1000)
     for cut, part in ((1, "iid"), (1, "noniid-shards"), (3, "noniid-shards"))
 ] + [Row("centralized MoCo", "central", "reference"), Row("random init", "random", "reference")]
 SUITES: dict[str, list[Row]] = {"main": MAIN, "full": FULL, "paper": PAPER}
 
-COLUMNS = ["method", "N", "clients/round x batch", "partition", "cut", "sync period", "queue", "steps",
-           "images seen", "kNN top-1", "linear-probe top-1", "client params", "MB per client",
-           "client MFLOPs per image", "wall (min)"]
+COLUMNS = [
+    "method",
+    "N",
+    "clients/round x batch",
+    "partition",
+    "cut",
+    "sync period",
+    "queue",
+    "steps",
+    "images seen",
+    "kNN top-1",
+    "linear-probe top-1",
+    "client params",
+    "MB per client",
+    "client MFLOPs per image",
+    "wall (min)",
+]
 
 
 # ----------------------------------------------------------------------------- resolving rows
+
 
 @dataclass
 class Resolved:
@@ -138,13 +157,15 @@ def resolve(base: Config, row: Row, suite: str) -> Resolved:
     plan = resolve_plan(cfg, np.array([len(s) for s in shards]))
     if row.fl_clients is not None:
         if plan.batch_size % row.fl_clients:
-            raise ConfigError(f"row '{row.label}': batch B={plan.batch_size} is not divisible by "
-                              f"{row.fl_clients} FL-MoCo clients per round")
-        cfg = cfg.replace(**{"sfl.clients_per_round": row.fl_clients,
-                             "sfl.client_batch_size": plan.batch_size // row.fl_clients})
+            raise ConfigError(
+                f"row '{row.label}': batch B={plan.batch_size} is not divisible by "
+                f"{row.fl_clients} FL-MoCo clients per round"
+            )
+        cfg = cfg.replace(
+            **{"sfl.clients_per_round": row.fl_clients, "sfl.client_batch_size": plan.batch_size // row.fl_clients}
+        )
     never = row.overrides.get("sfl.sync_period") == NEVER
-    cfg = cfg.replace(**{"sfl.sync_period": plan.total_steps if never else min(cfg.sfl.sync_period,
-                                                                                  plan.total_steps)})
+    cfg = cfg.replace(**{"sfl.sync_period": plan.total_steps if never else min(cfg.sfl.sync_period, plan.total_steps)})
     plan = resolve_plan(cfg, np.array([len(s) for s in shards]))
     ds = workflow.Dataset(cfg)
     return Resolved(row, cfg, plan, _key(cfg, row.method, workflow.data_hash(ds, workflow.shards_path(cfg))))
@@ -155,6 +176,7 @@ def _key(cfg: Config, method: str, data: str) -> str:
 
 
 # ----------------------------------------------------------------------------- running one row
+
 
 def _queue_text(r: Resolved) -> str:
     cfg, plan = r.cfg, r.plan
@@ -179,12 +201,14 @@ def client_cost(r: Resolved) -> tuple[int | None, float | None]:
         return count_params(client), mocosfl_client_flops(cfg, plan.client_batch_size)
     client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
     local_queue = max(1, cfg.moco.queue_size // plan.clients_per_round)
-    return (count_params(client) + count_params(server),
-            flmoco_client_flops(cfg, plan.client_batch_size, local_queue))
+    return (count_params(client) + count_params(server), flmoco_client_flops(cfg, plan.client_batch_size, local_queue))
 
 
-def run_row(r: Resolved, log: Callable[[str], None], on_row: Callable[[dict[str, float]], None] | None = None,
-            ) -> dict[str, Any]:
+def run_row(
+    r: Resolved,
+    log: Callable[[str], None],
+    on_row: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     """Pretrain (unless random init) and evaluate one row; returns its table entry."""
     cfg, row, plan = r.cfg, r.row, r.plan
     pre: dict[str, Any] = {}
@@ -193,14 +217,15 @@ def run_row(r: Resolved, log: Callable[[str], None], on_row: Callable[[dict[str,
 
         def on_step(step_row: dict[str, float]) -> None:
             if "knn_top1" in step_row:
-                log(f"  step {int(step_row['step'])}/{plan.total_steps}: loss {step_row['loss_mean']:.3f}, "
-                    f"kNN {step_row['knn_top1']:.1f}%")
+                log(
+                    f"  step {int(step_row['step'])}/{plan.total_steps}: loss {step_row['loss_mean']:.3f}, "
+                    f"kNN {step_row['knn_top1']:.1f}%"
+                )
             if on_row and "epoch" in step_row:
                 on_row(step_row)
 
         pre = workflow.pretrain(cfg, on_step=on_step, method=row.method)
-    ev = workflow.evaluate(cfg, log=lambda s: log("  " + s), method="mocosfl" if row.method == "random"
-                           else row.method)
+    ev = workflow.evaluate(cfg, log=lambda s: log("  " + s), method="mocosfl" if row.method == "random" else row.method)
     params, flops = client_cost(r)
     train_s = float(pre.get("train_seconds", 0.0)) + float(pre.get("knn_seconds", 0.0))
     return {
@@ -229,21 +254,24 @@ def run_row(r: Resolved, log: Callable[[str], None], on_row: Callable[[dict[str,
         "train_seconds": train_s,
         "eval_seconds": float(ev["seconds"]),
         "wall_seconds": train_s + float(ev["seconds"]),
-        "knn_history": [{"step": h["step"], "knn_top1": h["knn_top1"]}
-                        for h in pre.get("history", []) if "knn_top1" in h],
+        "knn_history": [
+            {"step": h["step"], "knn_top1": h["knn_top1"]} for h in pre.get("history", []) if "knn_top1" in h
+        ],
         "run_dir": pre.get("run_dir"),
     }
 
 
 # ----------------------------------------------------------------------------- time estimate
 
+
 def _seconds_per_step(r: Resolved, ds: workflow.Dataset) -> float:
     """A quick probe: one warm-up step, then the mean of two timed steps of a fresh trainer."""
     assert r.plan is not None
     p = ds.prepared
     shards = workflow.load_partition(r.cfg, ds)
-    trainer = workflow.make_trainer(r.row.method, r.cfg, ds.train_x(), shards, p.mean, p.std, None,
-                                    resolve_device(r.cfg.device))
+    trainer = workflow.make_trainer(
+        r.row.method, r.cfg, ds.train_x(), shards, p.mean, p.std, None, resolve_device(r.cfg.device)
+    )
     trainer.advance()
     t0 = time.perf_counter()
     for _ in range(2):
@@ -256,9 +284,10 @@ def _seconds_per_image(cfg: Config, ds: workflow.Dataset) -> float:
     m = cfg.model
     client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
     enc = Encoder(client, server.backbone).eval()
-    images = ds.train_x()[:cfg.evaluate.batch_size]
-    kw: dict[str, Any] = dict(mean=ds.prepared.mean, std=ds.prepared.std, image_size=cfg.data.image_size,
-                              batch_size=cfg.evaluate.batch_size)
+    images = ds.train_x()[: cfg.evaluate.batch_size]
+    kw: dict[str, Any] = dict(
+        mean=ds.prepared.mean, std=ds.prepared.std, image_size=cfg.data.image_size, batch_size=cfg.evaluate.batch_size
+    )
     extract_features(enc, images, **kw)
     t0 = time.perf_counter()
     extract_features(enc, images, **kw)
@@ -269,9 +298,18 @@ def _probe_seconds(cfg: Config, n_train: int, n_test: int, num_classes: int) -> 
     """Linear-probe time: one epoch on random features of the right shape, times the epoch count."""
     e, dim = cfg.evaluate, feature_dim(cfg.model.width)
     t0 = time.perf_counter()
-    linear_probe(torch.randn(n_train, dim), torch.randint(0, num_classes, (n_train,)), torch.randn(n_test, dim),
-                 torch.randint(0, num_classes, (n_test,)), num_classes, 1, e.linear_lr, e.linear_batch_size,
-                 e.val_fraction, cfg.seed)
+    linear_probe(
+        torch.randn(n_train, dim),
+        torch.randint(0, num_classes, (n_train,)),
+        torch.randn(n_test, dim),
+        torch.randint(0, num_classes, (n_test,)),
+        num_classes,
+        1,
+        e.linear_lr,
+        e.linear_batch_size,
+        e.val_fraction,
+        cfg.seed,
+    )
     return (time.perf_counter() - t0) * e.linear_epochs
 
 
@@ -298,6 +336,7 @@ def estimate(todo: list[Resolved], log: Callable[[str], None]) -> float:
 
 
 # ----------------------------------------------------------------------------- outputs
+
 
 def default_suite(profile: str) -> str:
     """The suite a profile runs when none is named: ``paper`` for the paper profile, ``main`` otherwise."""
@@ -329,10 +368,18 @@ def table_cells(e: dict[str, Any]) -> list[str]:
     sync = e["sync_period"]
     sync_text = "—" if sync is None else (f"{sync} (never)" if e["never_sync"] else str(sync))
     return [
-        e["label"], _f(e["num_clients"], "d"), _participation(e), e["partition"] or "—",
-        _f(e["cut_layers"], "d"), sync_text, e["queue"] or "—", str(e["steps"]), f"{e['images_seen']:,}",
+        e["label"],
+        _f(e["num_clients"], "d"),
+        _participation(e),
+        e["partition"] or "—",
+        _f(e["cut_layers"], "d"),
+        sync_text,
+        e["queue"] or "—",
+        str(e["steps"]),
+        f"{e['images_seen']:,}",
         _f(e["knn_top1"], ".2f"),
-        _f(e["linear_probe_top1"], ".2f"), _f(e["client_params"], ",d"),
+        _f(e["linear_probe_top1"], ".2f"),
+        _f(e["client_params"], ",d"),
         _f(None if e["bytes_per_client"] is None else e["bytes_per_client"] / 1e6, ".2f"),
         _f(None if e["client_flops_per_image"] is None else e["client_flops_per_image"] / 1e6, ".2f"),
         f"{e['wall_seconds'] / 60:.1f}",
@@ -340,10 +387,33 @@ def table_cells(e: dict[str, Any]) -> list[str]:
 
 
 def csv_text(entries: list[dict[str, Any]]) -> str:
-    keys = ["label", "group", "method", "num_clients", "partition", "cut_layers", "sync_period", "never_sync",
-            "clients_per_round", "client_batch_size", "batch_size", "queue", "width", "steps", "images_seen",
-            "knn_top1", "linear_probe_top1", "linear_probe_top1_final_epoch", "client_params",
-            "bytes_per_client", "client_flops_per_image", "train_seconds", "eval_seconds", "wall_seconds", "key"]
+    keys = [
+        "label",
+        "group",
+        "method",
+        "num_clients",
+        "partition",
+        "cut_layers",
+        "sync_period",
+        "never_sync",
+        "clients_per_round",
+        "client_batch_size",
+        "batch_size",
+        "queue",
+        "width",
+        "steps",
+        "images_seen",
+        "knn_top1",
+        "linear_probe_top1",
+        "linear_probe_top1_final_epoch",
+        "client_params",
+        "bytes_per_client",
+        "client_flops_per_image",
+        "train_seconds",
+        "eval_seconds",
+        "wall_seconds",
+        "key",
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -365,42 +435,58 @@ def claims(entries: list[dict[str, Any]]) -> list[str]:
     out = []
     sfl, central, fl, rnd = acc("MocoSFL"), acc("centralized MoCo"), acc("FL-MoCo"), acc("random init")
     if sfl is not None and central is not None:
-        out.append(f"MocoSFL matches centralized MoCo at equal budget (within {MATCH_POINTS:g} points): "
-                   f"{verdict(sfl >= central - MATCH_POINTS)} — {sfl:.2f} vs {central:.2f} "
-                   f"({sfl - central:+.2f}).")
+        out.append(
+            f"MocoSFL matches centralized MoCo at equal budget (within {MATCH_POINTS:g} points): "
+            f"{verdict(sfl >= central - MATCH_POINTS)} — {sfl:.2f} vs {central:.2f} "
+            f"({sfl - central:+.2f})."
+        )
     off = acc("MocoSFL, no feature sharing")
     if sfl is not None and off is not None:
-        out.append(f"Feature sharing (one shared queue) helps on this partition: {verdict(sfl > off)} — "
-                   f"{sfl:.2f} with vs {off:.2f} without ({sfl - off:+.2f}).")
+        out.append(
+            f"Feature sharing (one shared queue) helps on this partition: {verdict(sfl > off)} — "
+            f"{sfl:.2f} with vs {off:.2f} without ({sfl - off:+.2f})."
+        )
     frequent = [a for a in (acc("MocoSFL, sync every step"), acc("MocoSFL, sync every 50")) if a is not None]
     never = acc("MocoSFL, never sync")
     if frequent and never is not None:
-        out.append(f"Frequent synchronization beats never syncing: {verdict(max(frequent) > never)} — best of "
-                   f"sync 1/50 {max(frequent):.2f} vs never {never:.2f} ({max(frequent) - never:+.2f}).")
+        out.append(
+            f"Frequent synchronization beats never syncing: {verdict(max(frequent) > never)} — best of "
+            f"sync 1/50 {max(frequent):.2f} vs never {never:.2f} ({max(frequent) - never:+.2f})."
+        )
     if sfl is not None and fl is not None:
-        out.append(f"MocoSFL beats FL-MoCo at the same images seen: {verdict(sfl > fl)} — {sfl:.2f} vs "
-                   f"{fl:.2f} ({sfl - fl:+.2f}).")
+        out.append(
+            f"MocoSFL beats FL-MoCo at the same images seen: {verdict(sfl > fl)} — {sfl:.2f} vs "
+            f"{fl:.2f} ({sfl - fl:+.2f})."
+        )
     if sfl is not None and rnd is not None:
         out.append(f"Pretraining beats the random-init floor: {verdict(sfl > rnd)} — {sfl:.2f} vs {rnd:.2f}.")
     if "MocoSFL" in by and "FL-MoCo" in by:
         a, b = by["MocoSFL"], by["FL-MoCo"]
         if a["client_flops_per_image"] and b["client_flops_per_image"]:
-            out.append(f"Client compute: {a['client_flops_per_image'] / 1e6:.2f} MFLOPs per image for MocoSFL "
-                       f"vs {b['client_flops_per_image'] / 1e6:.1f} for FL-MoCo "
-                       f"({b['client_flops_per_image'] / a['client_flops_per_image']:.0f}x less).")
+            out.append(
+                f"Client compute: {a['client_flops_per_image'] / 1e6:.2f} MFLOPs per image for MocoSFL "
+                f"vs {b['client_flops_per_image'] / 1e6:.1f} for FL-MoCo "
+                f"({b['client_flops_per_image'] / a['client_flops_per_image']:.0f}x less)."
+            )
         if a["bytes_per_client"] and b["bytes_per_client"]:
-            out.append(f"Communication per client over training: {a['bytes_per_client'] / 1e6:.2f} MB for "
-                       f"MocoSFL vs {b['bytes_per_client'] / 1e6:.2f} MB for FL-MoCo.")
+            out.append(
+                f"Communication per client over training: {a['bytes_per_client'] / 1e6:.2f} MB for "
+                f"MocoSFL vs {b['bytes_per_client'] / 1e6:.2f} MB for FL-MoCo."
+            )
     return out
 
 
-def markdown(cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, suite_seconds: float,
-             plots: list[str]) -> str:
+def markdown(
+    cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, suite_seconds: float, plots: list[str]
+) -> str:
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     trained = [e for e in entries if e["steps"]]
-    budget = (f"{trained[0]['steps']} steps x B={trained[0]['batch_size']} = {trained[0]['images_seen']:,} images "
-              "per method" if trained else "no trained rows")
+    budget = (
+        f"{trained[0]['steps']} steps x B={trained[0]['batch_size']} = {trained[0]['images_seen']:,} images per method"
+        if trained
+        else "no trained rows"
+    )
     e = cfg.evaluate
     lines = [
         f"# Results: suite `{suite}`, profile `{cfg.profile}`",
@@ -432,13 +518,15 @@ def markdown(cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, 
         "- Client FLOPs per image: FlopCounterMode on one client step (2 FLOPs per multiply-accumulate of "
         "convolutions and matrix products; norms and elementwise ops not counted). MocoSFL: online + target "
         "forward and online backward of the client model; FL-MoCo: the whole symmetric MoCo step.",
-        "- A sync period at or beyond the step count is one round for the whole run (\"never\"); with "
+        '- A sync period at or beyond the step count is one round for the whole run ("never"); with '
         "client sampling that also means the same participants throughout.",
     ]
     if any(x["method"] == "flmoco" for x in entries):
-        lines.append("- FL-MoCo: full encoder + head per client, local queue of K/M keys and local EMA target for "
-                     "the round (fresh when a client is sampled), FedAvg of model and target every sync period; "
-                     "clients per round x batch as in the table, so the same images per step as MocoSFL.")
+        lines.append(
+            "- FL-MoCo: full encoder + head per client, local queue of K/M keys and local EMA target for "
+            "the round (fresh when a client is sampled), FedAvg of model and target every sync period; "
+            "clients per round x batch as in the table, so the same images per step as MocoSFL."
+        )
     lines.append(f"- Files: {stem}.md, {stem}.csv" + "".join(f", {p}" for p in plots) + ".")
     return "\n".join(lines) + "\n"
 
@@ -498,18 +586,25 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
 
 # ----------------------------------------------------------------------------- the suite
 
-def _log_row_mlflow(r: Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool,
-                    suite: str) -> None:
+
+def _log_row_mlflow(
+    r: Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool, suite: str
+) -> None:
     import mlflow
 
-    tags = {"stage": "results-row", "suite": suite, "method": r.row.method, "row_key": r.key,
-            "cached": str(cached).lower(), "group": r.row.group}
+    tags = {
+        "stage": "results-row",
+        "suite": suite,
+        "method": r.row.method,
+        "row_key": r.key,
+        "cached": str(cached).lower(),
+        "group": r.row.group,
+    }
     with tracking.mlflow_run(r.cfg, r.row.label, nested=True, tags=tags):
         mlflow.log_param("method", r.row.method)
         for h in history or entry["knn_history"]:
             tracking.log_row(h)
-        numbers = {k: float(v) for k, v in entry.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(numbers)
 
 
@@ -524,8 +619,10 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
     for r in resolved:
         unique.setdefault(r.key, r)
     todo = [r for r in unique.values() if not (cache / f"{r.key}.json").exists()]
-    log(f"suite '{suite}', profile '{cfg.profile}': {len(resolved)} rows, {len(unique)} distinct runs, "
-        f"{len(unique) - len(todo)} already finished")
+    log(
+        f"suite '{suite}', profile '{cfg.profile}': {len(resolved)} rows, {len(unique)} distinct runs, "
+        f"{len(unique) - len(todo)} already finished"
+    )
     if todo:
         seconds = estimate(todo, log)
         log(f"estimated time for {len(todo)} runs: ~{seconds / 60:.0f} min")
@@ -569,11 +666,18 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
                 mlflow.log_artifact(str(p), artifact_path="results")
             mlflow.log_metric("suite_wall_seconds", suite_seconds)
     log(f"wrote {md} and {csv_path} in {suite_seconds / 60:.1f} min")
-    return {"mlflow_run_id": parent.info.run_id if track else None,
-            "suite": suite, "profile": cfg.profile, "markdown": str(md), "csv": str(csv_path),
-            "plots": [str(out_dir / p) for p in plots], "rows": len(entries), "ran": len(todo),
-            "wall_seconds": suite_seconds,
-            "linear_probe_top1": {e["label"]: e["linear_probe_top1"] for e in entries}}
+    return {
+        "mlflow_run_id": parent.info.run_id if track else None,
+        "suite": suite,
+        "profile": cfg.profile,
+        "markdown": str(md),
+        "csv": str(csv_path),
+        "plots": [str(out_dir / p) for p in plots],
+        "rows": len(entries),
+        "ran": len(todo),
+        "wall_seconds": suite_seconds,
+        "linear_probe_top1": {e["label"]: e["linear_probe_top1"] for e in entries},
+    }
 
 
 def _parent_run(cfg: Config, suite: str, track: bool) -> Any:

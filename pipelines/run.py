@@ -1,6 +1,6 @@
 """`make pipeline`: run the Prefect flow in-process (ephemeral API, no server needed).
 
-    python -m pipelines.run [--job pipeline|pretrain|tune] [--profile NAME] [--set KEY=VALUE ...]
+python -m pipelines.run [--job pipeline|pretrain|tune] [--profile NAME] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if "tune" in results:
         print(f"tuning: best {results['tune'].get('best_params')} -> {cfg.metrics_dir}/tune.json")
     if tracking.enabled(cfg):
-        print(f"MLflow runs are in {tracking.tracking_uri(cfg)}; browse them with `make ui` "
-              f"and open {cfg.report.mlflow_ui}")
+        print(
+            f"MLflow runs are in {tracking.tracking_uri(cfg)}; browse them with `make ui` "
+            f"and open {cfg.report.mlflow_ui}"
+        )
     return 0
 
 

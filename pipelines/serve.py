@@ -17,8 +17,11 @@ def main() -> None:
     from pipelines.flows import mocosfl_flow
 
     deployments = [
-        mocosfl_flow.to_deployment(name=job, parameters={"job": job, "profile": "cpu", "overrides": []},
-                                   description=f"mocosfl {job} job; parameters: profile, overrides (KEY=VALUE list)")
+        mocosfl_flow.to_deployment(
+            name=job,
+            parameters={"job": job, "profile": "cpu", "overrides": []},
+            description=f"mocosfl {job} job; parameters: profile, overrides (KEY=VALUE list)",
+        )
         for job in ("pretrain", "pipeline", "tune")
     ]
     serve(*deployments)  # type: ignore[arg-type]  # sync context: RunnerDeployment, not a coroutine

@@ -78,8 +78,7 @@ def mlflow_run(
     _setup(cfg)
     root = Path(cfg.tracking.db).resolve().parent
     all_tags = {"git_commit": git_commit(root), "profile": cfg.profile, **(tags or {})}
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
-                          tags=all_tags) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=all_tags) as run:
         if log_params and run_id is None:
             # MLflow caps a param value at 6000 chars; config values are short.
             mlflow.log_params({k: str(v) for k, v in flatten(cfg.to_dict()).items()})
@@ -125,8 +124,12 @@ def log_encoder(run_dir: str | Path, image_size: int) -> None:
 
     enc = load_encoder(run_dir)
     example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-    mlflow.pytorch.log_model(enc, name="encoder", input_example=example,
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mocosfl"])
+    mlflow.pytorch.log_model(
+        enc,
+        name="encoder",
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mocosfl"],
+    )
 
 
 def dvc_hashes(root: Path) -> dict[str, str]:
@@ -148,8 +151,19 @@ def log_pretrain_result(cfg: Config, result: dict[str, Any]) -> None:
     """Final metrics, partition summary + heat map, metrics JSON and the encoder on the active run."""
     import mlflow
 
-    keys = ("knn_top1", "final_loss", "train_seconds", "knn_seconds", "steps_per_s", "images_seen",
-            "bytes_per_client", "bytes_up_total", "bytes_down_total", "client_params", "server_params")
+    keys = (
+        "knn_top1",
+        "final_loss",
+        "train_seconds",
+        "knn_seconds",
+        "steps_per_s",
+        "images_seen",
+        "bytes_per_client",
+        "bytes_up_total",
+        "bytes_down_total",
+        "client_params",
+        "server_params",
+    )
     mlflow.log_metrics({f"final.{k}": float(result[k]) for k in keys if result.get(k) is not None})
     tags = {"data_hash": result.get("data_hash", ""), "run_hash": Path(result["run_dir"]).name}
     tags.update(dvc_hashes(Path(cfg.tracking.db).resolve().parent))

@@ -48,8 +48,13 @@ def load_study(cfg: Config) -> optuna.Study:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Several processes share the file: wait for SQLite's lock instead of failing at once.
     storage = optuna.storages.RDBStorage(storage_url(cfg), engine_kwargs={"connect_args": {"timeout": 60}})
-    study = optuna.create_study(study_name=cfg.tune.study_name, storage=storage, direction="maximize",
-                                load_if_exists=True, pruner=make_pruner(cfg))
+    study = optuna.create_study(
+        study_name=cfg.tune.study_name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=make_pruner(cfg),
+    )
     # Seeded per invocation with the trials already stored, so extending a study samples new points
     # instead of replaying the first process's random start-up sequence.
     study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
@@ -60,15 +65,17 @@ def trial_config(cfg: Config, trial: optuna.Trial) -> Config:
     t = cfg.tune
     sync_period = trial.suggest_int("sync_period", t.sync_period_min, t.sync_period_max, log=True)
     queue_size = trial.suggest_int("queue_size", t.queue_size_min, t.queue_size_max, log=True)
-    return cfg.replace(**{
-        "sfl.sync_period": sync_period,
-        "moco.queue_size": queue_size,
-        "pretrain.steps": t.steps,
-        "pretrain.knn_every": t.knn_every,
-        "pretrain.checkpoint_every": t.steps,
-        # Trials write their pretrain.json here, not over the pretrain stage's metrics/pretrain.json.
-        "metrics_dir": str(Path(t.out_dir) / "trials" / f"trial-{trial.number}"),
-    })
+    return cfg.replace(
+        **{
+            "sfl.sync_period": sync_period,
+            "moco.queue_size": queue_size,
+            "pretrain.steps": t.steps,
+            "pretrain.knn_every": t.knn_every,
+            "pretrain.checkpoint_every": t.steps,
+            # Trials write their pretrain.json here, not over the pretrain stage's metrics/pretrain.json.
+            "metrics_dir": str(Path(t.out_dir) / "trials" / f"trial-{trial.number}"),
+        }
+    )
 
 
 def _train(trial: optuna.Trial, trial_cfg: Config, track: bool) -> float:
@@ -118,11 +125,19 @@ def make_objective(cfg: Config) -> Callable[[optuna.Trial], float]:
 
         n = trial.number
         pruned: optuna.TrialPruned | None = None
-        with tracking.mlflow_run(trial_cfg, f"trial-{n}", nested=True,
-                                 tags={"stage": "tune-trial", "trial": str(n),
-                                       "study_name": cfg.tune.study_name}) as run:
-            mlflow.log_params({"sync_period": trial.params["sync_period"],
-                               "queue_size": trial.params["queue_size"], "trial_number": n})
+        with tracking.mlflow_run(
+            trial_cfg,
+            f"trial-{n}",
+            nested=True,
+            tags={"stage": "tune-trial", "trial": str(n), "study_name": cfg.tune.study_name},
+        ) as run:
+            mlflow.log_params(
+                {
+                    "sync_period": trial.params["sync_period"],
+                    "queue_size": trial.params["queue_size"],
+                    "trial_number": n,
+                }
+            )
             try:
                 value = _train(trial, trial_cfg, track=True)
             except optuna.TrialPruned as e:
@@ -189,8 +204,14 @@ def _save_plots(study: optuna.Study, out_dir: Path, log: Callable[[str], None]) 
                 log(f"{name}: not drawn ({e}); writing a placeholder")
                 fig, ax = plt.subplots(figsize=(6, 2))
                 ax.axis("off")
-                ax.text(0.5, 0.5, f"{name.removesuffix('.png')}: not available\n{e}"[:300],
-                        ha="center", va="center", wrap=True)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{name.removesuffix('.png')}: not available\n{e}"[:300],
+                    ha="center",
+                    va="center",
+                    wrap=True,
+                )
             fig.tight_layout()
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
@@ -212,9 +233,17 @@ def summarize(cfg: Config, study: optuna.Study) -> dict[str, Any]:
         "best_value": best.value if best else None,
         "best_params": dict(best.params) if best else {},
         "best_trial": best.number if best else None,
-        "trials": [{"number": t.number, "state": t.state.name, "params": dict(t.params), "value": t.value,
-                    "last_step": t.last_step,
-                    "seconds": t.duration.total_seconds() if t.duration else None} for t in trials],
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": dict(t.params),
+                "value": t.value,
+                "last_step": t.last_step,
+                "seconds": t.duration.total_seconds() if t.duration else None,
+            }
+            for t in trials
+        ],
     }
 
 
@@ -233,15 +262,18 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
         study = load_study(cfg)
         target = cfg.tune.n_trials
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
-        log(f"study {cfg.tune.study_name} at {storage_url(cfg)}: {done}/{target} trials finished, "
-            f"pruner {cfg.tune.pruner}")
+        log(
+            f"study {cfg.tune.study_name} at {storage_url(cfg)}: {done}/{target} trials finished, "
+            f"pruner {cfg.tune.pruner}"
+        )
         track = tracking.enabled(cfg)
         t0 = time.perf_counter()
         if track:
             import mlflow
 
-            with tracking.mlflow_run(cfg, f"tune-{cfg.tune.study_name}",
-                                     tags={"stage": "tune", "study_name": cfg.tune.study_name}) as parent:
+            with tracking.mlflow_run(
+                cfg, f"tune-{cfg.tune.study_name}", tags={"stage": "tune", "study_name": cfg.tune.study_name}
+            ) as parent:
                 _optimize(cfg, study, target - done, log)
                 result = _write_results(cfg, study, out_dir, log, {"mlflow_run_id": parent.info.run_id})
                 mlflow.log_metrics({k: float(result[k]) for k in ("n_trials", "n_complete", "n_pruned")})
@@ -255,8 +287,10 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
         else:
             _optimize(cfg, study, target - done, log)
             result = _write_results(cfg, study, out_dir, log)
-        log(f"study {cfg.tune.study_name}: {result['n_trials']} finished ({result['n_pruned']} pruned), "
-            f"best {result['best_value']} {result['best_params']} in {time.perf_counter() - t0:.1f} s")
+        log(
+            f"study {cfg.tune.study_name}: {result['n_trials']} finished ({result['n_pruned']} pruned), "
+            f"best {result['best_value']} {result['best_params']} in {time.perf_counter() - t0:.1f} s"
+        )
         return result
     finally:
         optuna_logger.setLevel(old_level)
@@ -268,17 +302,25 @@ def _optimize(cfg: Config, study: optuna.Study, remaining: int, log: Callable[[s
     # n_trials caps this process's attempts (failed trials included); the callback stops it as soon as
     # the study, counting other processes' trials, holds n_trials finished ones.
     stop = optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)
-    study.optimize(make_objective(cfg), n_trials=remaining, callbacks=[stop, _log_trial(log, cfg.tune.n_trials)],
-                   catch=(TrainingDiverged,), gc_after_trial=False)
+    study.optimize(
+        make_objective(cfg),
+        n_trials=remaining,
+        callbacks=[stop, _log_trial(log, cfg.tune.n_trials)],
+        catch=(TrainingDiverged,),
+        gc_after_trial=False,
+    )
 
 
-def _write_results(cfg: Config, study: optuna.Study, out_dir: Path, log: Callable[[str], None],
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _write_results(
+    cfg: Config, study: optuna.Study, out_dir: Path, log: Callable[[str], None], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     result = {**summarize(cfg, study), **(extra or {})}
     best = result["best_params"]
     overrides = [f"sfl.sync_period={best['sync_period']}", f"moco.queue_size={best['queue_size']}"] if best else []
-    workflow.write_json(out_dir / "best_params.json", {"overrides": overrides, "best_value": result["best_value"],
-                                                       "study_name": cfg.tune.study_name})
+    workflow.write_json(
+        out_dir / "best_params.json",
+        {"overrides": overrides, "best_value": result["best_value"], "study_name": cfg.tune.study_name},
+    )
     result["best_params_file"] = str(out_dir / "best_params.json")
     result["plots"] = [str(p) for p in _save_plots(study, out_dir, log)]
     workflow.write_json(Path(cfg.metrics_dir) / "tune.json", result)

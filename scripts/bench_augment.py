@@ -30,9 +30,7 @@ def kornia_pipeline(size: int) -> torch.nn.Module:
     )
 
 
-def median_rates(
-    fns: list[Callable[[], torch.Tensor]], batch: int, runs: int, warmup: int = 3
-) -> list[float]:
+def median_rates(fns: list[Callable[[], torch.Tensor]], batch: int, runs: int, warmup: int = 3) -> list[float]:
     """Median images/s per function over `runs` timed calls, interleaved so machine noise hits all alike."""
     for fn in fns:
         for _ in range(warmup):

@@ -45,17 +45,21 @@ def record(profile: str, method: str, work: Path) -> dict:
     from mocosfl import workflow
     from mocosfl.config import load_config
 
-    overrides = [f"data.prepared_dir={work / 'prepared'}", f"partition.out_dir={work / 'partitions'}",
-                 f"pretrain.runs_dir={work / 'runs'}", f"metrics_dir={work / 'metrics'}",
-                 f"pretrain.num_threads={THREADS}", "tracking.enabled=false"]
+    overrides = [
+        f"data.prepared_dir={work / 'prepared'}",
+        f"partition.out_dir={work / 'partitions'}",
+        f"pretrain.runs_dir={work / 'runs'}",
+        f"metrics_dir={work / 'metrics'}",
+        f"pretrain.num_threads={THREADS}",
+        "tracking.enabled=false",
+    ]
     cfg = load_config(ROOT / "params.yaml", profile, overrides)
     workflow.prepare(cfg)
     workflow.partition(cfg)
     losses: list[float] = []
     result = workflow.pretrain(cfg, on_step=lambda row: losses.append(float(row["loss"])), method=method)
     knn = [[int(r["step"]), float(r["knn_top1"])] for r in result["history"] if "knn_top1" in r]
-    return {"profile": profile, "method": method, "losses": losses, "knn": knn,
-            "final_loss": result["final_loss"]}
+    return {"profile": profile, "method": method, "losses": losses, "knn": knn, "final_loss": result["final_loss"]}
 
 
 def main() -> int:
@@ -75,8 +79,11 @@ def main() -> int:
                 rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(got["losses"], want["losses"], strict=True))
                 same = got["losses"] == want["losses"] and got["knn"] == want["knn"]
                 worst = max(worst, rel)
-                print(f"{profile}/{method}: {'identical' if same else f'max relative difference {rel:.3g}'} "
-                      f"over {len(got['losses'])} steps", file=sys.stderr)
+                print(
+                    f"{profile}/{method}: {'identical' if same else f'max relative difference {rel:.3g}'} "
+                    f"over {len(got['losses'])} steps",
+                    file=sys.stderr,
+                )
             else:
                 got["cpu"] = cpu_signature()
                 out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,7 @@ def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)  # [B, H, W, 3]
 
 
-def _only(
-    jitter_p: float = 0.0, grayscale_p: float = 0.0, blur_p: float = 0.0, flip_p: float = 0.0
-) -> MocoV2Augment:
+def _only(jitter_p: float = 0.0, grayscale_p: float = 0.0, blur_p: float = 0.0, flip_p: float = 0.0) -> MocoV2Augment:
     """Full-image crop (scale = ratio = 1) and only the named ops switched on."""
     return MocoV2Augment(
         32,

@@ -52,9 +52,17 @@ def roundtrip(state: dict) -> dict:
 # ---------------------------------------------------------------- FL-MoCo
 
 
-def loop_client_step(cfg: Config, p: C.Params, t: C.Params, mom: C.Params, queue: torch.Tensor, ptr: int,
-                     view1: torch.Tensor, view2: torch.Tensor, lr: float,
-                     ) -> tuple[C.Params, C.Params, torch.Tensor, float]:
+def loop_client_step(
+    cfg: Config,
+    p: C.Params,
+    t: C.Params,
+    mom: C.Params,
+    queue: torch.Tensor,
+    ptr: int,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    lr: float,
+) -> tuple[C.Params, C.Params, torch.Tensor, float]:
     """One client's step the plain way: its own nn.Module, torch.optim.SGD, EMA, FIFO queue."""
     pc, mc = cfg.pretrain, cfg.moco
     model = build_full_model(cfg)
@@ -85,8 +93,13 @@ def test_flmoco_round_equals_per_client_loop() -> None:
     tr.begin_round(0)
     assert tr.queue is not None
     for s in range(3):
-        before = {"p": clone(tr.p), "t": clone(tr.t), "mom": clone(tr.mom), "q": tr.queue.keys.clone(),
-                  "ptr": tr.queue.ptr.clone()}
+        before = {
+            "p": clone(tr.p),
+            "t": clone(tr.t),
+            "mom": clone(tr.mom),
+            "q": tr.queue.keys.clone(),
+            "ptr": tr.queue.ptr.clone(),
+        }
         view1, view2 = tr.step_views()
         lr = cosine_lr(cfg.pretrain.lr, tr.step, tr.plan.total_steps)
         loss = tr.train_step()
@@ -94,9 +107,16 @@ def test_flmoco_round_equals_per_client_loop() -> None:
         loop_losses = []
         for i in range(3):
             p, t, q, client_loss = loop_client_step(
-                cfg, {k: v[i] for k, v in before["p"].items()}, {k: v[i] for k, v in before["t"].items()},
-                {k: v[i] for k, v in before["mom"].items()}, before["q"][i], int(before["ptr"][i]),
-                view1[i], view2[i], lr)
+                cfg,
+                {k: v[i] for k, v in before["p"].items()},
+                {k: v[i] for k, v in before["t"].items()},
+                {k: v[i] for k, v in before["mom"].items()},
+                before["q"][i],
+                int(before["ptr"][i]),
+                view1[i],
+                view2[i],
+                lr,
+            )
             loop_losses.append(client_loss)
             for name in p:
                 torch.testing.assert_close(tr.p[name][i], p[name], rtol=1e-4, atol=1e-5)
@@ -112,8 +132,9 @@ def test_flmoco_round_equals_per_client_loop() -> None:
 
 
 def test_flmoco_fedavg_of_full_models_and_bytes() -> None:
-    cfg = make_cfg(**{"sfl.clients_per_round": 4, "sfl.sync_period": 2, "pretrain.steps": 4,
-                      "sfl.fedavg_weights": "shard_size"})
+    cfg = make_cfg(
+        **{"sfl.clients_per_round": 4, "sfl.sync_period": 2, "pretrain.steps": 4, "sfl.fedavg_weights": "shard_size"}
+    )
     unequal = np.split(np.arange(N_IMG), np.cumsum([10, 15, 20, 25, 30, 30, 35]))
     tr = FLMocoTrainer(cfg, IMAGES, unequal, MEAN, STD)
     tr.advance()
@@ -131,8 +152,9 @@ def test_flmoco_fedavg_of_full_models_and_bytes() -> None:
         torch.testing.assert_close(tr.global_params[name], expected)
         assert not torch.equal(tr.global_params[name], v[0])
     for name, v in t.items():
-        torch.testing.assert_close(tr.global_target[name], (v.double() * (w / w.sum()).view(
-            -1, *[1] * (v.dim() - 1))).sum(0).float())
+        torch.testing.assert_close(
+            tr.global_target[name], (v.double() * (w / w.sum()).view(-1, *[1] * (v.dim() - 1))).sum(0).float()
+        )
     # Two rounds, 4 participants: the full model and its target go down at the start and up at the end.
     full = 4 * count_params(build_full_model(cfg))
     assert tr.bytes_down == tr.bytes_up == 2 * 4 * (2 * full)

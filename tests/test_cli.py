@@ -111,8 +111,11 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_missing_archive(base_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prepared_dir = tmp_path / "prep"
-    code = main(cli_args("prepare", base_overrides + [f"data.source={tmp_path / 'nope.tar.gz'}",
-                                                      f"data.prepared_dir={prepared_dir}"]))
+    code = main(
+        cli_args(
+            "prepare", base_overrides + [f"data.source={tmp_path / 'nope.tar.gz'}", f"data.prepared_dir={prepared_dir}"]
+        )
+    )
     assert code == 2
     assert "nope.tar.gz" in _one_error_line(capsys)
     assert not prepared_dir.exists() or not any(prepared_dir.iterdir())
@@ -138,8 +141,9 @@ def test_corrupt_archive(base_overrides: list[str], tmp_path: Path, capsys: pyte
         ("pretrain", "no.such.key=1", "no"),
     ],
 )
-def test_bad_input_is_one_line(prepared: list[str], command: str, override: str, needle: str,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line(
+    prepared: list[str], command: str, override: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     capsys.readouterr()
     assert main(cli_args(command, prepared + [override])) == 2
     line = _one_error_line(capsys)
@@ -147,6 +151,11 @@ def test_bad_input_is_one_line(prepared: list[str], command: str, override: str,
 
 
 def test_console_script_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "mocosfl.cli", "pretrain", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mocosfl.cli", "pretrain", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--profile" in out and "--set" in out

@@ -139,8 +139,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_relative_paths_resolved_against_params_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    p = _write(tmp_path, "data:\n  source: ../raw/cifar\n  prepared_dir: prep\nmetrics_dir: m\n"
-                         "pretrain:\n  runs_dir: /abs/runs\n")
+    p = _write(
+        tmp_path,
+        "data:\n  source: ../raw/cifar\n  prepared_dir: prep\nmetrics_dir: m\npretrain:\n  runs_dir: /abs/runs\n",
+    )
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     cfg = load_config(p)
     root = p.parent.resolve()
@@ -194,8 +196,15 @@ def test_config_hash_ignores_paths_but_not_knobs() -> None:
     cfg = load_config(PARAMS, "test")
     sections = ("data", "partition", "model", "sfl", "moco", "pretrain")
     h = config_hash(cfg, sections)
-    moved = cfg.replace(**{"data.source": "/elsewhere", "pretrain.runs_dir": "/r", "pretrain.checkpoint_every": 5,
-                           "data.prepared_dir": "/p", "partition.out_dir": "/o"})
+    moved = cfg.replace(
+        **{
+            "data.source": "/elsewhere",
+            "pretrain.runs_dir": "/r",
+            "pretrain.checkpoint_every": 5,
+            "data.prepared_dir": "/p",
+            "partition.out_dir": "/o",
+        }
+    )
     assert config_hash(moved, sections) == h
     assert config_hash(cfg.replace(**{"sfl.sync_period": 4}), sections) != h
     assert config_hash(cfg.replace(**{"moco.queue_size": 64}), sections) != h
@@ -213,8 +222,21 @@ def _plan(n: int, shard: int = 50, **over):
     return resolve_plan(cfg, np.full(n, shard))
 
 
-@pytest.mark.parametrize("n,m,b", [(1000, 100, 1), (20, 20, 5), (250, 125, 1), (150, 150, 1), (200, 100, 1),
-                                   (199, 199, 1), (999, 111, 1), (5, 5, 20), (50, 50, 2), (51, 51, 1)])
+@pytest.mark.parametrize(
+    "n,m,b",
+    [
+        (1000, 100, 1),
+        (20, 20, 5),
+        (250, 125, 1),
+        (150, 150, 1),
+        (200, 100, 1),
+        (199, 199, 1),
+        (999, 111, 1),
+        (5, 5, 20),
+        (50, 50, 2),
+        (51, 51, 1),
+    ],
+)
 def test_auto_rules(n: int, m: int, b: int) -> None:
     plan = _plan(n)
     assert (plan.num_clients, plan.clients_per_round, plan.client_batch_size) == (n, m, b)

@@ -22,8 +22,13 @@ STAGES = ("prepare", "partition", "pretrain", "evaluate", "report")
 
 def _copy_repo(dest: Path) -> None:
     """The working tree's tracked and untracked-not-ignored files, as a fresh git repository."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, files):
         src = ROOT / name
         if src.is_file():
@@ -55,8 +60,13 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_dvc_repro_status_and_push_pull(repo: Path) -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo / ".dvc" / "tmp" / "site-cache"),
-           "MOCOSFL_TRACKING": "0", "MOCOSFL_NO_PROGRESS": "1"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(repo / ".dvc" / "tmp" / "site-cache"),
+        "MOCOSFL_TRACKING": "0",
+        "MOCOSFL_NO_PROGRESS": "1",
+    }
     env.pop("MOCOSFL_PARAMS", None)
 
     def dvc(*args: str) -> str:
@@ -65,8 +75,14 @@ def test_dvc_repro_status_and_push_pull(repo: Path) -> None:
         return proc.stdout + proc.stderr
 
     assert _ran(dvc("repro")) == set(STAGES)
-    for name in ("metrics/partition.json", "metrics/partition_heatmap.png", "metrics/pretrain.json",
-                 "metrics/eval.json", "reports/report.md", "reports/loss.png"):
+    for name in (
+        "metrics/partition.json",
+        "metrics/partition_heatmap.png",
+        "metrics/pretrain.json",
+        "metrics/eval.json",
+        "reports/report.md",
+        "reports/loss.png",
+    ):
         assert (repo / name).is_file(), name
     assert "profile test" in (repo / "reports/report.md").read_text()
 

@@ -12,8 +12,9 @@ from mocosfl.eval.linear import linear_probe
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def brute_knn(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, num_classes: int, k: int,
-              t: float) -> np.ndarray:
+def brute_knn(
+    bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, num_classes: int, k: int, t: float
+) -> np.ndarray:
     """One query at a time: cosine similarity, k most similar, vote exp(sim / t) per class, argmax."""
     bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
     preds = []

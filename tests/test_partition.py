@@ -65,9 +65,7 @@ def test_full_coverage_methods(method: str) -> None:
     assert min(len(s) for s in shards) >= 1
 
 
-@pytest.mark.parametrize(
-    "n,clients,spc", [(1003, 10, 2), (1000, 10, 2), (50, 20, 1), (30, 10, 2), (1099, 7, 3)]
-)
+@pytest.mark.parametrize("n,clients,spc", [(1003, 10, 2), (1000, 10, 2), (50, 20, 1), (30, 10, 2), (1099, 7, 3)])
 def test_noniid_shards_uneven_division(n: int, clients: int, spc: int) -> None:
     # Docstring: shard size s = n // (clients*spc); every client gets spc*s; n mod (clients*spc) dropped.
     labels = np.random.default_rng(n).integers(0, 10, n)

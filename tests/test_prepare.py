@@ -107,7 +107,11 @@ def test_folder_source(tree: Path, tmp_path: Path) -> None:
     path = prepare_dataset(tree, out, 32)
     assert path == prepared_path(tree, out, 32)
     assert sorted(p.name for p in path.iterdir()) == [
-        "meta.json", "test_x.npy", "test_y.npy", "train_x.npy", "train_y.npy"
+        "meta.json",
+        "test_x.npy",
+        "test_y.npy",
+        "train_x.npy",
+        "train_y.npy",
     ]
     meta = json.loads((path / "meta.json").read_text())
     assert meta["counts"] == {"train": 12, "test": 6} and meta["image_size"] == 32
@@ -194,8 +198,7 @@ def test_cifar100_pickles_use_fine_labels(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     for split, n in (("train", 5), ("test", 3)):
         rows = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        write_pickle(root / split, {"data": rows, "fine_labels": [99 - i for i in range(n)],
-                                    "coarse_labels": [0] * n})
+        write_pickle(root / split, {"data": rows, "fine_labels": [99 - i for i in range(n)], "coarse_labels": [0] * n})
     out = tmp_path / "prepared"
     prepare_dataset(root, out, 32)
     data = load_prepared(root, out, 32)
@@ -231,8 +234,9 @@ def test_second_call_does_not_redecode(tree: Path, tmp_path: Path, monkeypatch: 
     check_mini(load_prepared(tree, out, 32))
 
 
-def test_keys_separate_sources_and_sizes(tree: Path, archive: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_separate_sources_and_sizes(
+    tree: Path, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "prepared"
     assert re.fullmatch(r"mini-32px-[0-9a-f]{8}", prepared_path(archive, out, 32).name)
     assert re.fullmatch(r"mini-32px-[0-9a-f]{8}", prepared_path(tree, out, 32).name)
@@ -257,9 +261,7 @@ def test_load_damaged_arrays(tree: Path, tmp_path: Path) -> None:
         load_prepared(tree, tmp_path / "prepared", 32)
 
 
-def test_failure_mid_write_leaves_nothing(
-    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failure_mid_write_leaves_nothing(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(_x: np.ndarray) -> None:
         raise RuntimeError("disk on fire")
 
@@ -415,8 +417,7 @@ def test_real_cifar10_archive(tmp_path: Path) -> None:
     prepare_dataset(REAL_ARCHIVE, tmp_path, 32)
     data = load_prepared(REAL_ARCHIVE, tmp_path, 32)
     assert data.train_x.shape == (50000, 32, 32, 3) and data.test_x.shape == (10000, 32, 32, 3)
-    assert data.classes == ["airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck"]
+    assert data.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert np.bincount(data.train_y).tolist() == [5000] * 10
     assert np.bincount(data.test_y).tolist() == [1000] * 10
     # Known CIFAR-10 channel means; JPEG re-encoding moves them only slightly.

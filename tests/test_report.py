@@ -58,8 +58,17 @@ def test_report_from_real_chain(prepared: list[str], tmp_path: Path, monkeypatch
 
 
 def test_report_without_metrics_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["report", "--params", str(PARAMS), "--profile", "test",
-            "--set", f"metrics_dir={tmp_path / 'metrics'}", "--set", f"report.out_dir={tmp_path / 'reports'}"]
+    args = [
+        "report",
+        "--params",
+        str(PARAMS),
+        "--profile",
+        "test",
+        "--set",
+        f"metrics_dir={tmp_path / 'metrics'}",
+        "--set",
+        f"report.out_dir={tmp_path / 'reports'}",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -90,9 +90,12 @@ def test_second_run_skips_finished_rows_and_logs_to_mlflow(suite, tmp_path, monk
     parent = client.get_run(again["mlflow_run_id"])
     assert parent.data.tags["stage"] == "results" and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "results")} >= {
-        "results/results-test.md", "results/results-test.csv"}
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        "results/results-test.md",
+        "results/results-test.csv",
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(c.info.run_name for c in children) == sorted(row.label for row in R.MAIN)
     for c in children:
         assert c.data.tags["cached"] == "true" and "linear_probe_top1" in c.data.metrics
@@ -138,9 +141,10 @@ def test_suites_are_valid_configs() -> None:
     assert {r.label for r in R.MAIN} <= {r.label for r in R.FULL}
     table3 = [r for r in R.PAPER if r.group.startswith("table 3")]
     assert len(table3) == 9
-    assert {(r.overrides["model.cut_layers"], r.overrides["partition.method"], r.overrides["partition.num_clients"])
-            for r in table3} == {(c, p, n) for n in (100, 200, 1000)
-                                 for c, p in ((1, "iid"), (1, "noniid-shards"), (3, "noniid-shards"))}
+    assert {
+        (r.overrides["model.cut_layers"], r.overrides["partition.method"], r.overrides["partition.num_clients"])
+        for r in table3
+    } == {(c, p, n) for n in (100, 200, 1000) for c, p in ((1, "iid"), (1, "noniid-shards"), (3, "noniid-shards"))}
     for name, profile in (("main", "cpu"), ("full", "cpu"), ("paper", "paper")):
         cfg = load_config(PARAMS, profile)
         for row in R.SUITES[name]:
@@ -150,15 +154,25 @@ def test_suites_are_valid_configs() -> None:
 
 
 def _entry(label: str, probe: float, flops: float | None = None, mb: float | None = None) -> dict:
-    return {"label": label, "linear_probe_top1": probe, "client_flops_per_image": flops,
-            "bytes_per_client": None if mb is None else mb * 1e6}
+    return {
+        "label": label,
+        "linear_probe_top1": probe,
+        "client_flops_per_image": flops,
+        "bytes_per_client": None if mb is None else mb * 1e6,
+    }
 
 
 def test_claims_state_support_and_its_absence() -> None:
-    entries = [_entry("MocoSFL", 60.0, 2e6, 10.0), _entry("centralized MoCo", 63.0), _entry("FL-MoCo", 61.0, 5e8, 30.0),
-               _entry("random init", 35.0), _entry("MocoSFL, no feature sharing", 55.0),
-               _entry("MocoSFL, sync every step", 59.0), _entry("MocoSFL, sync every 50", 60.0),
-               _entry("MocoSFL, never sync", 61.0)]
+    entries = [
+        _entry("MocoSFL", 60.0, 2e6, 10.0),
+        _entry("centralized MoCo", 63.0),
+        _entry("FL-MoCo", 61.0, 5e8, 30.0),
+        _entry("random init", 35.0),
+        _entry("MocoSFL, no feature sharing", 55.0),
+        _entry("MocoSFL, sync every step", 59.0),
+        _entry("MocoSFL, sync every 50", 60.0),
+        _entry("MocoSFL, never sync", 61.0),
+    ]
     text = "\n".join(R.claims(entries))
     assert "matches centralized MoCo at equal budget (within 2 points): **not supported** — 60.00 vs 63.00" in text
     assert "Feature sharing (one shared queue) helps on this partition: **supported**" in text

@@ -46,8 +46,9 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared: list[str], tmp_path
 
     killed = _with(prepared, tmp_path, "killed")
     runs = tmp_path / "killed" / "runs"
-    proc = subprocess.Popen(_pretrain_cmd(killed), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _pretrain_cmd(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     # Kill once a checkpoint past step 6 exists: several rounds done, the run not finished.
     while time.time() < deadline and proc.poll() is None:
@@ -68,5 +69,6 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared: list[str], tmp_path
     assert resumed["final_loss"] == clean["final_loss"]
     assert resumed["knn_top1"] == clean["knn_top1"]
     strip = ("steps_per_s",)
-    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed["history"]] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in clean["history"]]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed["history"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in clean["history"]
+    ]

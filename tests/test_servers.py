@@ -50,10 +50,21 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_make_ui_serves_mlflow(tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "VENV": str(VENV_BIN.parent)}
-    proc = subprocess.Popen(["bash", "scripts/ui.sh"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "VENV": str(VENV_BIN.parent),
+    }
+    proc = subprocess.Popen(
+        ["bash", "scripts/ui.sh"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         page = _wait_http(f"http://127.0.0.1:{port}/", 120, proc)
         assert "mlflow" in page.lower()
@@ -66,11 +77,24 @@ def test_prefect_deployment_run_pretrain(prepared: list[str], tmp_path: Path) ->
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "VENV": str(VENV_BIN.parent), "MLFLOW_TRACKING_URI": mlflow_uri, "MOCOSFL_TRACKING": "1",
-           "MOCOSFL_NO_PROGRESS": "1", "PREFECT_API_URL": api}
-    serve = subprocess.Popen(["bash", "scripts/serve.sh"], cwd=ROOT, env=env, start_new_session=True,
-                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "PREFECT_PORT": str(port),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "VENV": str(VENV_BIN.parent),
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "MOCOSFL_TRACKING": "1",
+        "MOCOSFL_NO_PROGRESS": "1",
+        "PREFECT_API_URL": api,
+    }
+    serve = subprocess.Popen(
+        ["bash", "scripts/serve.sh"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=open(tmp_path / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_http(f"{api}/health", 180, serve)
         prefect = str(VENV_BIN / "prefect")
@@ -81,12 +105,28 @@ def test_prefect_deployment_run_pretrain(prepared: list[str], tmp_path: Path) ->
                 break
             time.sleep(2)
         # Own runs dir: test_cli may already have trained this config, and a finished run logs no MLflow run.
-        overrides = json.dumps(prepared + [f"metrics_dir={tmp_path / 'metrics'}",
-                                           f"pretrain.runs_dir={tmp_path / 'runs'}"])
+        overrides = json.dumps(
+            prepared + [f"metrics_dir={tmp_path / 'metrics'}", f"pretrain.runs_dir={tmp_path / 'runs'}"]
+        )
         run = subprocess.run(
-            [prefect, "deployment", "run", "mocosfl/pretrain", "-p", "profile=test", "-p", f"overrides={overrides}",
-             "--watch", "--watch-timeout", "600"],
-            env=env, capture_output=True, text=True, timeout=700)
+            [
+                prefect,
+                "deployment",
+                "run",
+                "mocosfl/pretrain",
+                "-p",
+                "profile=test",
+                "-p",
+                f"overrides={overrides}",
+                "--watch",
+                "--watch-timeout",
+                "600",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=700,
+        )
         log = (tmp_path / "serve.log").read_text()
         assert run.returncode == 0, run.stdout + run.stderr + log[-3000:]
         assert "Completed" in run.stdout, run.stdout

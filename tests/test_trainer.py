@@ -131,7 +131,7 @@ def test_each_client_trains_on_its_own_shard(monkeypatch: pytest.MonkeyPatch) ->
     assert len(ids) == 3 and seen[0].shape == (3 * 2, SIZE, SIZE, 3)
     for i, c in enumerate(ids):
         shard_images = torch.from_numpy(IMAGES[SHARDS[c]])
-        for img in seen[0][2 * i: 2 * i + 2]:
+        for img in seen[0][2 * i : 2 * i + 2]:
             assert (shard_images == img).flatten(1).all(dim=1).any()
 
 
@@ -171,8 +171,10 @@ def test_two_split_steps_equal_end_to_end_training(monkeypatch: pytest.MonkeyPat
         if step == 0:
             clients = [copy.deepcopy(template) for _ in range(m)]
             targets = [copy.deepcopy(template).requires_grad_(False) for _ in range(m)]
-            opts = [torch.optim.SGD(c.parameters(), lr=pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay)
-                    for c in clients]
+            opts = [
+                torch.optim.SGD(c.parameters(), lr=pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay)
+                for c in clients
+            ]
         v1, v2 = (v.view(m, b, 3, SIZE, SIZE) for v in views[step])
         h_q = torch.cat([clients[i](v1[i]) for i in range(m)])
         with torch.no_grad():
@@ -199,8 +201,9 @@ def test_two_split_steps_equal_end_to_end_training(monkeypatch: pytest.MonkeyPat
         for i in range(m):
             for name, p in clients[i].named_parameters():
                 torch.testing.assert_close(tr.p[name][i].detach(), p.detach(), rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(tr.t[name][i], dict(targets[i].named_parameters())[name],
-                                           rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(
+                    tr.t[name][i], dict(targets[i].named_parameters())[name], rtol=1e-4, atol=1e-5
+                )
         torch.testing.assert_close(tr.queue.keys, queue.keys, rtol=1e-4, atol=1e-5)
 
 
@@ -341,11 +344,19 @@ def roundtrip(state: dict, directory: Path) -> dict:
 
 VARIANTS = {
     "default": {},
-    "sampled+stateful+unsynced+private-queues": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
-                                                  "sfl.sync_targets": False, "moco.feature_sharing": False},
-    "stateful+unsynced, bfloat16 state in a file": {"sfl.clients_per_round": 4, "sfl.stateful_clients": True,
-                                                    "sfl.sync_targets": False, "sfl.client_state_dtype": "bfloat16",
-                                                    "sfl.client_state_storage": "file"},
+    "sampled+stateful+unsynced+private-queues": {
+        "sfl.clients_per_round": 4,
+        "sfl.stateful_clients": True,
+        "sfl.sync_targets": False,
+        "moco.feature_sharing": False,
+    },
+    "stateful+unsynced, bfloat16 state in a file": {
+        "sfl.clients_per_round": 4,
+        "sfl.stateful_clients": True,
+        "sfl.sync_targets": False,
+        "sfl.client_state_dtype": "bfloat16",
+        "sfl.client_state_storage": "file",
+    },
 }
 
 
@@ -384,7 +395,10 @@ def test_large_banks_keep_only_the_newest_checkpoint(tmp_path: Path, monkeypatch
     tr.advance()
     workflow.save_checkpoint(tmp_path, tr.state_dict(), keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt-000000003.momentum_bank.npy", "ckpt-000000003.pt", "ckpt-000000003.target_bank.npy"]
+        "ckpt-000000003.momentum_bank.npy",
+        "ckpt-000000003.pt",
+        "ckpt-000000003.target_bank.npy",
+    ]
 
 
 def test_checkpoint_with_a_missing_or_short_bank_falls_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -15,8 +15,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _tune(overrides: list[str], tmp: Path, *extra: str) -> dict:
     from mocosfl.cli import main
 
-    sets = [*overrides, f"tune.storage={tmp}/optuna.db", f"tune.out_dir={tmp}/tune", f"metrics_dir={tmp}/metrics",
-            *extra]
+    sets = [
+        *overrides,
+        f"tune.storage={tmp}/optuna.db",
+        f"tune.out_dir={tmp}/tune",
+        f"metrics_dir={tmp}/metrics",
+        *extra,
+    ]
     assert main(cli_args("tune", sets)) == 0
     return json.loads((tmp / "metrics" / "tune.json").read_text())
 
@@ -43,8 +48,10 @@ def test_study_with_mlflow(study):
     for name in ("optimization_history.png", "param_importances.png"):
         assert (tmp_path / "tune" / name).stat().st_size > 0
     best = json.loads((tmp_path / "tune" / "best_params.json").read_text())
-    assert best["overrides"] == [f"sfl.sync_period={result['best_params']['sync_period']}",
-                                 f"moco.queue_size={result['best_params']['queue_size']}"]
+    assert best["overrides"] == [
+        f"sfl.sync_period={result['best_params']['sync_period']}",
+        f"moco.queue_size={result['best_params']['queue_size']}",
+    ]
     assert best["best_value"] == result["best_value"]
 
     mlflow.set_tracking_uri(uri)
@@ -52,9 +59,13 @@ def test_study_with_mlflow(study):
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "tune")} >= {
-        "tune/tune.json", "tune/best_params.json", "tune/optimization_history.png"}
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        "tune/tune.json",
+        "tune/best_params.json",
+        "tune/optimization_history.png",
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 3
     for run in children:
         assert run.data.tags["stage"] == "tune-trial"
@@ -86,8 +97,9 @@ def test_every_trial_pruned(prepared, tmp_path, monkeypatch, one_thread):
     client = mlflow.MlflowClient()
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted((r.info.status, r.data.tags["trial_state"]) for r in children) == [("KILLED", "PRUNED")] * 2
 
 

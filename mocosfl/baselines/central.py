@@ -30,8 +30,15 @@ from mocosfl.sfl.trainer import (
 
 
 class CentralMoco:
-    def __init__(self, cfg: Config, mean: tuple[float, float, float], std: tuple[float, float, float],
-                 batch_size: int, total_steps: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cfg: Config,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        batch_size: int,
+        total_steps: int,
+        device: torch.device | str = "cpu",
+    ):
         self.cfg = cfg
         self.batch_size = batch_size
         self.total_steps = total_steps
@@ -45,8 +52,12 @@ class CentralMoco:
         self.target = copy.deepcopy(self.model).requires_grad_(False)
         self.model_fn = maybe_compile(self.model, cfg.pretrain.compile, total_steps)
         self.target_fn = maybe_compile(self.target, cfg.pretrain.compile, total_steps)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.pretrain.lr,
-                                         momentum=cfg.pretrain.momentum, weight_decay=cfg.pretrain.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.pretrain.lr,
+            momentum=cfg.pretrain.momentum,
+            weight_decay=cfg.pretrain.weight_decay,
+        )
         self.queue = KeyQueue(cfg.moco.queue_size, m.proj_dim, _torch_gen(cfg.seed, 7), self.device)
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
         self.step = 0
@@ -60,8 +71,9 @@ class CentralMoco:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, keys = moco_backward(self.model_fn, self.target_fn, view1, view2, self.queue.keys,
-                                   cfg.moco.temperature, cfg.moco.symmetric)
+        loss, keys = moco_backward(
+            self.model_fn, self.target_fn, view1, view2, self.queue.keys, cfg.moco.temperature, cfg.moco.symmetric
+        )
         self.optimizer.step()
         ema_update_module(self.target, self.model, cfg.moco.ema)
         self.queue.enqueue(keys)

@@ -67,8 +67,7 @@ class FLMocoTrainer(TrainLoop):
 
     def _new_queue(self, r: int, m: int) -> PerClientQueue:
         # Indexed by position in the round, not by client id: a queue lives for one round.
-        return PerClientQueue(m, self.queue_size, self.cfg.model.proj_dim, _torch_gen(self.cfg.seed, 8, r),
-                              self.device)
+        return PerClientQueue(m, self.queue_size, self.cfg.model.proj_dim, _torch_gen(self.cfg.seed, 8, r), self.device)
 
     def begin_round(self, r: int) -> None:
         """Send the global model and target to this round's participants."""
@@ -115,14 +114,21 @@ class FLMocoTrainer(TrainLoop):
         view1, view2 = self.augment.two_views(images, _torch_gen(self.cfg.seed, 3, self.step))
         return view1.view(m, b, *view1.shape[1:]), view2.view(m, b, *view2.shape[1:])
 
-    def _client_loss(self, p: C.Params, t: C.Params, view1: torch.Tensor, view2: torch.Tensor,
-                     negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _client_loss(
+        self, p: C.Params, t: C.Params, view1: torch.Tensor, view2: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One participant's MoCo loss on its own views and queue.  Shape: views [b, 3, S, S],
         negatives [K/M, D] -> (loss [], keys [terms*b, D])."""
         cfg = self.cfg
-        return moco_loss(lambda x: functional_call(self.module, p, (x,)),
-                         lambda x: functional_call(self.module, t, (x,)),
-                         view1, view2, negatives, cfg.moco.temperature, cfg.moco.symmetric)
+        return moco_loss(
+            lambda x: functional_call(self.module, p, (x,)),
+            lambda x: functional_call(self.module, t, (x,)),
+            view1,
+            view2,
+            negatives,
+            cfg.moco.temperature,
+            cfg.moco.symmetric,
+        )
 
     def train_step(self) -> float:
         cfg = self.cfg
@@ -138,8 +144,9 @@ class FLMocoTrainer(TrainLoop):
         # Client i's loss depends only on its own weights, so one backward of the sum gives each its gradient.
         grads = torch.autograd.grad(losses.sum(), [self.p[k] for k in names])
         lr = cosine_lr(cfg.pretrain.lr, self.step, self.plan.total_steps)
-        C.sgd_step(self.p, dict(zip(names, grads, strict=True)), self.mom, lr, cfg.pretrain.momentum,
-                   cfg.pretrain.weight_decay)
+        C.sgd_step(
+            self.p, dict(zip(names, grads, strict=True)), self.mom, lr, cfg.pretrain.momentum, cfg.pretrain.weight_decay
+        )
         C.ema_update(self.t, self.p, cfg.moco.ema)
         self.queue.enqueue(torch.arange(len(self.round_ids), device=self.device), keys)
         return losses.mean().item()
@@ -180,8 +187,13 @@ class FLMocoTrainer(TrainLoop):
         }
         if self.round_ids is not None:
             assert self.queue is not None
-            state["round"] = {"ids": self.round_ids, "p": {k: v.detach() for k, v in self.p.items()},
-                              "t": self.t, "mom": self.mom, "queue": self.queue.state()}
+            state["round"] = {
+                "ids": self.round_ids,
+                "p": {k: v.detach() for k, v in self.p.items()},
+                "t": self.t,
+                "mom": self.mom,
+                "queue": self.queue.state(),
+            }
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

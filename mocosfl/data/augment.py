@@ -278,8 +278,6 @@ class MocoV2Augment:
         params = self.sample_params(images.shape[0], images.shape[1], images.shape[2], generator)
         return self.apply(images, params)
 
-    def two_views(
-        self, images: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def two_views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independent augmentations (query, key) of the same batch, each [B, 3, S, S]."""
         return self(images, generator), self(images, generator)

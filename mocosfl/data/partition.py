@@ -57,17 +57,12 @@ def _flwr_assignment(partitioner: Any, num_clients: int) -> list[np.ndarray]:
             raise RuntimeError(f"flwr made {partitioner.num_partitions} partitions, expected {num_clients}")
     mapping = getattr(partitioner, "_partition_id_to_indices", None)
     if not isinstance(mapping, dict) or len(mapping) != num_clients:
-        return [
-            np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
-            for i in range(num_clients)
-        ]
+        return [np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)) for i in range(num_clients)]
     row_to_idx = np.asarray(partitioner.dataset["idx"], dtype=np.int64)
     return [np.sort(row_to_idx[np.asarray(mapping[i], dtype=np.int64)]) for i in range(num_clients)]
 
 
-def _noniid_shards(
-    labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int
-) -> list[np.ndarray]:
+def _noniid_shards(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int) -> list[np.ndarray]:
     import datasets
     from flwr_datasets.partitioner import ShardPartitioner
 
@@ -192,9 +187,7 @@ def class_counts(labels: np.ndarray, shards: list[np.ndarray], num_classes: int)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise PartitionError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     sizes = np.array([len(s) for s in shards], dtype=np.int64)
-    flat = (
-        np.concatenate([np.asarray(s, dtype=np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
-    )
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
     client = np.repeat(np.arange(len(shards), dtype=np.int64), sizes)
     # One bincount over (client, class) pairs instead of a Python loop: 10,000 clients stay fast.
     counts = np.bincount(client * num_classes + labels[flat], minlength=len(shards) * num_classes)
@@ -226,9 +219,7 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def plot_class_heatmap(
-    counts: np.ndarray, class_names: list[str], path: Path, max_clients: int = 200
-) -> None:
+def plot_class_heatmap(counts: np.ndarray, class_names: list[str], path: Path, max_clients: int = 200) -> None:
     """Write a PNG heat map of class counts per client (rows: clients, columns: classes)."""
     # Figure + Agg canvas directly, not pyplot: no global backend switch and no figure leaks.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -271,9 +262,7 @@ def save_shards(shards: list[np.ndarray], path: Path, meta: dict) -> None:
     meta_json = json.dumps(meta)  # fail on unserialisable meta before touching the disk
     sizes = np.array([len(s) for s in shards], dtype=np.int64)
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(sizes)])
-    indices = (
-        np.concatenate([np.asarray(s, dtype=np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
-    )
+    indices = np.concatenate([np.asarray(s, dtype=np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
     fd, tmp = _atomic_target(path)
     try:
         with os.fdopen(fd, "wb") as fh:

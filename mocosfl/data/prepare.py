@@ -128,9 +128,7 @@ def load_prepared(source: str | Path, prepared_dir: str | Path, image_size: int)
     target = prepared_path(source, prepared_dir, image_size)
     meta = _read_meta(target)
     if meta is None:
-        raise DataError(
-            f"{target}: no prepared data for {source} at {image_size}px; run `mocosfl prepare` first"
-        )
+        raise DataError(f"{target}: no prepared data for {source} at {image_size}px; run `mocosfl prepare` first")
     arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:
         for part in ("x", "y"):
@@ -138,13 +136,17 @@ def load_prepared(source: str | Path, prepared_dir: str | Path, image_size: int)
             try:
                 arrays[f"{split}_{part}"] = np.load(file, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise DataError(f"{file}: cannot read prepared array ({_one_line(exc)}); "
-                                f"delete {target} and run `mocosfl prepare` again") from None
+                raise DataError(
+                    f"{file}: cannot read prepared array ({_one_line(exc)}); "
+                    f"delete {target} and run `mocosfl prepare` again"
+                ) from None
         n = meta["counts"][split]
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.shape != (n, image_size, image_size, 3) or x.dtype != np.uint8 or y.shape != (n,):
-            raise DataError(f"{target / (split + '_x.npy')}: arrays do not match meta.json; "
-                            f"delete {target} and run `mocosfl prepare` again")
+            raise DataError(
+                f"{target / (split + '_x.npy')}: arrays do not match meta.json; "
+                f"delete {target} and run `mocosfl prepare` again"
+            )
     return PreparedData(
         train_x=arrays["train_x"],
         train_y=arrays["train_y"],
@@ -292,18 +294,23 @@ def _index(
     """
     for split in SPLITS:
         if split not in tree:
-            raise DataError(f"{where(split + '/')}: missing {split}/ split "
-                            "(expected train/<class>/ and test/<class>/ image folders)")
+            raise DataError(
+                f"{where(split + '/')}: missing {split}/ split "
+                "(expected train/<class>/ and test/<class>/ image folders)"
+            )
         if not tree[split]:
             raise DataError(f"{where(split + '/')}: no class folders in {split}/")
         for cls, names in sorted(tree[split].items()):
             if not names:
-                raise DataError(f"{where(f'{split}/{cls}/')}: class folder has no images "
-                                f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise DataError(
+                    f"{where(f'{split}/{cls}/')}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
     train, test = set(tree["train"]), set(tree["test"])
     if train != test:
-        raise DataError(f"{where('')}: train/ and test/ class folders differ: "
-                        f"only in train/: {sorted(train - test)}; only in test/: {sorted(test - train)}")
+        raise DataError(
+            f"{where('')}: train/ and test/ class folders differ: "
+            f"only in train/: {sorted(train - test)}; only in test/: {sorted(test - train)}"
+        )
     classes = sorted(train)
     order = {
         split: [(cls, name, label) for label, cls in enumerate(classes) for name in sorted(tree[split][cls])]
@@ -325,9 +332,7 @@ def _folder_plan(root: Path, image_size: int) -> _Plan:
         tree[split] = {}
         for class_dir in split_dir.iterdir():
             if class_dir.is_dir() and not _is_hidden(class_dir.name):
-                tree[split][class_dir.name] = [
-                    f.name for f in class_dir.iterdir() if _is_image(f.name) and f.is_file()
-                ]
+                tree[split][class_dir.name] = [f.name for f in class_dir.iterdir() if _is_image(f.name) and f.is_file()]
     classes, order = _index(tree, lambda rel: str(root / rel))
 
     def images() -> Iterator[tuple[str, int, np.ndarray]]:
@@ -339,9 +344,7 @@ def _folder_plan(root: Path, image_size: int) -> _Plan:
     return _Plan("folder", classes, _labels(order), images())
 
 
-def _tar_entries(
-    archive: Path, wanted: Callable[[str], bool]
-) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+def _tar_entries(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
     """Stream (member, bytes if wanted(name) else None) from a .tar.gz, errors as DataError."""
     try:
         with tarfile.open(archive, "r:gz") as tar:

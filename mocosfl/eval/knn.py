@@ -24,7 +24,7 @@ def extract_features(
     """Encode uint8 images [N, H, W, 3] (no augmentation) -> float features [N, F] on CPU."""
     out = []
     for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)
+        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).to(device)
         out.append(encode(normalize_only(chunk, mean, std, image_size)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -48,7 +48,7 @@ def knn_predict(
     k = min(k, bank.shape[0])
     preds = []
     for start in range(0, queries.shape[0], chunk):
-        sim = queries[start:start + chunk] @ bank.t()  # [q, N]
+        sim = queries[start : start + chunk] @ bank.t()  # [q, N]
         top_sim, top_idx = sim.topk(k, dim=1)  # [q, k]
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
@@ -57,8 +57,15 @@ def knn_predict(
     return torch.cat(preds)
 
 
-def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-             num_classes: int, k: int = 200, temperature: float = 0.1) -> float:
+def knn_top1(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> float:
     """Top-1 accuracy in percent."""
     pred = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
     return 100.0 * (pred == query_labels).float().mean().item()

@@ -58,7 +58,7 @@ def linear_probe(
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(x_fit), generator=g)
         for start in range(0, len(order), batch_size):
-            i = order[start:start + batch_size]
+            i = order[start : start + batch_size]
             loss = F.cross_entropy(head(x_fit[i]), y_fit[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -66,5 +66,6 @@ def linear_probe(
         val = _accuracy(head, x_val, y_val)
         if val > best[0]:
             best = (val, epoch, _accuracy(head, x_test, test_y))
-    return ProbeResult(test_top1=best[2], test_top1_final=_accuracy(head, x_test, test_y),
-                       val_top1=best[0], best_epoch=best[1])
+    return ProbeResult(
+        test_top1=best[2], test_top1_final=_accuracy(head, x_test, test_y), val_top1=best[0], best_epoch=best[1]
+    )

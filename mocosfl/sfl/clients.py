@@ -47,8 +47,10 @@ def check_stackable(module: nn.Module) -> None:
     """Raise ValueError unless every layer holding parameters can run stacked (see ``batched_forward``)."""
     for name, sub in module.named_modules():
         if any(True for _ in sub.parameters(recurse=False)) and not isinstance(sub, STACKABLE):
-            raise ValueError(f"client layer {name or 'module'!r} ({type(sub).__name__}) cannot run stacked "
-                             "clients: build the client model from mocosfl.models.resnet's WSConv2d and GroupNorm")
+            raise ValueError(
+                f"client layer {name or 'module'!r} ({type(sub).__name__}) cannot run stacked "
+                "clients: build the client model from mocosfl.models.resnet's WSConv2d and GroupNorm"
+            )
 
 
 def batched_forward(module: nn.Module, stacked: Params, x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +131,14 @@ class ClientStateBank:
     rows and the rest lives in the page cache or on disk, for N beyond what RAM should hold.
     """
 
-    def __init__(self, template: Params, num_clients: int, fill: str = "zeros",
-                 storage_dtype: torch.dtype | None = None, file_dir: Path | None = None):
+    def __init__(
+        self,
+        template: Params,
+        num_clients: int,
+        fill: str = "zeros",
+        storage_dtype: torch.dtype | None = None,
+        file_dir: Path | None = None,
+    ):
         """``storage_dtype`` (default: the template's) may be narrower, e.g. bfloat16 to halve the
         bank; values are rounded to it on ``scatter`` and handed out in the template's dtype."""
         if fill not in ("zeros", "copy"):
@@ -163,7 +171,7 @@ class ClientStateBank:
         # (resident in memory, or in the file), not lazily zero pages.
         row = flatten({k: v.unsqueeze(0) for k, v in template.items()}).to(dtype)
         for lo in range(0, shape[0], self._block_rows()):
-            block = self.flat[lo:lo + self._block_rows()]
+            block = self.flat[lo : lo + self._block_rows()]
             if fill == "zeros":
                 block.zero_()
             else:
@@ -202,12 +210,15 @@ class ClientStateBank:
     def save(self, path: Path) -> None:
         """Write the bank as a .npy file, block by block (never a second copy in memory)."""
         arr = _numpy_view(self.flat[:1].cpu())
-        header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
-                  "shape": tuple(self.flat.shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(arr.dtype),
+            "fortran_order": False,
+            "shape": tuple(self.flat.shape),
+        }
         with open(path, "wb") as f:
             np.lib.format.write_array_header_2_0(f, header)
             for lo in range(0, self.flat.shape[0], self._block_rows()):
-                block = self.flat[lo:lo + self._block_rows()].cpu().contiguous()
+                block = self.flat[lo : lo + self._block_rows()].cpu().contiguous()
                 f.write(memoryview(_numpy_view(block)).cast("B"))  # type: ignore[arg-type]  # a buffer
                 self.release()
 
@@ -222,10 +233,12 @@ class ClientStateBank:
             source = source.flat
         if isinstance(source, torch.Tensor):
             if source.shape != self.flat.shape or source.dtype != self.flat.dtype:
-                raise ValueError(f"state bank of shape {tuple(self.flat.shape)} {self.flat.dtype} cannot load "
-                                 f"{tuple(source.shape)} {source.dtype}")
+                raise ValueError(
+                    f"state bank of shape {tuple(self.flat.shape)} {self.flat.dtype} cannot load "
+                    f"{tuple(source.shape)} {source.dtype}"
+                )
             for lo in range(0, self.flat.shape[0], self._block_rows()):
-                self.flat[lo:lo + self._block_rows()].copy_(source[lo:lo + self._block_rows()])
+                self.flat[lo : lo + self._block_rows()].copy_(source[lo : lo + self._block_rows()])
                 self.release()
         else:
             read_npy_into(Path(source), self.flat, after_block=self.release)
@@ -282,7 +295,7 @@ def read_npy_into(path: Path, out: torch.Tensor, after_block: Callable[[], None]
         view = memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
         pos = 0
         while pos < len(view):
-            n = f.readinto(view[pos:pos + _READ_BLOCK])
+            n = f.readinto(view[pos : pos + _READ_BLOCK])
             if not n:
                 raise ValueError(f"{path.name}: truncated ({pos} of {len(view)} bytes)")
             pos += n

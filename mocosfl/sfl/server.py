@@ -55,8 +55,9 @@ class KeyQueue:
 class PerClientQueue:
     """One private FIFO queue per client (feature sharing off): [N, K_c, D] plus pointers."""
 
-    def __init__(self, num_clients: int, size: int, dim: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, num_clients: int, size: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ):
         keys = torch.randn(num_clients, size, dim, generator=generator)
         self.keys = F.normalize(keys, dim=2).to(device)
         self.ptr = torch.zeros(num_clients, dtype=torch.long, device=device)

@@ -261,13 +261,17 @@ class TrainLoop:
         if self.knn is None:
             return None
         enc = self.encoder()
-        kw: dict[str, Any] = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size,
-                                  batch_size=self.cfg.evaluate.batch_size, device=self.device)
+        kw: dict[str, Any] = dict(
+            mean=self.mean,
+            std=self.std,
+            image_size=self.cfg.data.image_size,
+            batch_size=self.cfg.evaluate.batch_size,
+            device=self.device,
+        )
         bank = extract_features(enc, self.knn.bank_x, **kw)
         test = extract_features(enc, self.knn.test_x, **kw)
         e = self.cfg.evaluate
-        return knn_top1(bank, self.knn.bank_y, test, self.knn.test_y, self.knn.num_classes, e.knn_k,
-                        e.knn_temperature)
+        return knn_top1(bank, self.knn.bank_y, test, self.knn.test_y, self.knn.num_classes, e.knn_k, e.knn_temperature)
 
     def run(
         self,
@@ -285,10 +289,13 @@ class TrainLoop:
             row: dict[str, float] = {"step": self.step, "loss": loss}
             if self.step % log_every == 0 or self.step == plan.total_steps:
                 elapsed = time.perf_counter() - window_start
-                row.update(epoch=self.step / plan.steps_per_epoch, loss_mean=float(np.mean(self.window_losses)),
-                           lr=cosine_lr(pc.lr, self.step - 1, plan.total_steps),
-                           steps_per_s=len(self.window_losses) / max(elapsed, 1e-9),
-                           bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients)
+                row.update(
+                    epoch=self.step / plan.steps_per_epoch,
+                    loss_mean=float(np.mean(self.window_losses)),
+                    lr=cosine_lr(pc.lr, self.step - 1, plan.total_steps),
+                    steps_per_s=len(self.window_losses) / max(elapsed, 1e-9),
+                    bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients,
+                )
                 if self.step % pc.knn_every == 0 or self.step == plan.total_steps:
                     t_knn = time.perf_counter()
                     knn = self.knn_monitor()
@@ -312,30 +319,39 @@ class MocoSFLTrainer(TrainLoop):
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        self.client_module, self.server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim,
-                                                            m.proj_dim, m.gn_groups)
+        self.client_module, self.server = build_split_model(
+            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups
+        )
         self.client_module.to(self.device)
         C.check_stackable(self.client_module)
         self.server.to(self.device)
-        self.server_target = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim,
-                                               m.gn_groups)[1].to(self.device)
+        self.server_target = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)[1].to(
+            self.device
+        )
         self.server_target.load_state_dict(self.server.state_dict())
         self.server_target.requires_grad_(False)
         # Compiled wrappers share parameters with the eager modules, so EMA, checkpoints and kNN
         # (which use the eager modules) see the same weights.
         self.server_fn = maybe_compile(self.server, cfg.pretrain.compile, self.plan.total_steps)
         self.server_target_fn = maybe_compile(self.server_target, cfg.pretrain.compile, self.plan.total_steps)
-        self.optimizer = torch.optim.SGD(self.server.parameters(), lr=cfg.pretrain.lr,
-                                         momentum=cfg.pretrain.momentum, weight_decay=cfg.pretrain.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.server.parameters(),
+            lr=cfg.pretrain.lr,
+            momentum=cfg.pretrain.momentum,
+            weight_decay=cfg.pretrain.weight_decay,
+        )
 
         self.global_params = C.module_params(self.client_module)
         self.global_target = {k: v.clone() for k, v in self.global_params.items()}
         n = self.plan.num_clients
-        bank = {"storage_dtype": getattr(torch, cfg.sfl.client_state_dtype),
-                "file_dir": Path(cfg.pretrain.runs_dir) if cfg.sfl.client_state_storage == "file" else None}
+        bank = {
+            "storage_dtype": getattr(torch, cfg.sfl.client_state_dtype),
+            "file_dir": Path(cfg.pretrain.runs_dir) if cfg.sfl.client_state_storage == "file" else None,
+        }
         self.momentum_bank = C.ClientStateBank(self.global_params, n, **bank) if cfg.sfl.stateful_clients else None
-        self.target_bank = (None if cfg.sfl.sync_targets
-                            else C.ClientStateBank(self.global_params, n, fill="copy", **bank))
+        self.target_bank = (
+            None if cfg.sfl.sync_targets else C.ClientStateBank(self.global_params, n, fill="copy", **bank)
+        )
 
         queue_gen = _torch_gen(cfg.seed, 7)
         dim = m.proj_dim
@@ -427,8 +443,15 @@ class MocoSFLTrainer(TrainLoop):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, keys = moco_backward(self.server_fn, self.server_target_fn, smashed_q, smashed_k, negatives,
-                                   cfg.moco.temperature, cfg.moco.symmetric)
+        loss, keys = moco_backward(
+            self.server_fn,
+            self.server_target_fn,
+            smashed_q,
+            smashed_k,
+            negatives,
+            cfg.moco.temperature,
+            cfg.moco.symmetric,
+        )
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at step {self.step}; the last good checkpoint is kept — "
@@ -441,8 +464,9 @@ class MocoSFLTrainer(TrainLoop):
         self.bytes_down += grad.numel() * grad.element_size()
         names = list(self.p)
         grads = torch.autograd.grad(h_q, [self.p[k] for k in names], grad)
-        C.sgd_step(self.p, dict(zip(names, grads, strict=True)), self.mom, lr,
-                   cfg.pretrain.momentum, cfg.pretrain.weight_decay)
+        C.sgd_step(
+            self.p, dict(zip(names, grads, strict=True)), self.mom, lr, cfg.pretrain.momentum, cfg.pretrain.weight_decay
+        )
 
         tau = cfg.moco.ema
         ema_update_module(self.server_target, self.server, tau)
@@ -499,8 +523,12 @@ class MocoSFLTrainer(TrainLoop):
             "window_losses": self.window_losses,
         }
         if self.round_ids is not None:
-            state["round"] = {"ids": self.round_ids, "p": {k: v.detach() for k, v in self.p.items()},
-                              "t": self.t, "mom": self.mom}
+            state["round"] = {
+                "ids": self.round_ids,
+                "p": {k: v.detach() for k, v in self.p.items()},
+                "t": self.t,
+                "mom": self.mom,
+            }
         if self.momentum_bank is not None:
             state["momentum_bank"] = self.momentum_bank  # saved to its own file by save_checkpoint
         if self.target_bank is not None:
