@@ -1,0 +1,58 @@
+"""What a result depends on: the training code's hash, part of every run id and results-cache key.
+
+``code_hash()`` hashes the syntax tree of every module under ``mocosfl/`` that training or evaluation
+runs, so an edit that can change a number (even one nobody remembered to version) changes the run id
+and the run is trained anew. Comments, blank lines, formatting and docstrings are not in the syntax
+tree as hashed, so they change nothing. Modules that only present or time results are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+# Relative to mocosfl/: modules that cannot change what a run computes.
+NOT_TRAINING_CODE = ("cli.py", "bench.py", "identity.py", "__main__.py", "tracking.py", "experiments/suites.py")
+
+
+def training_sources(package: Path = PACKAGE) -> list[Path]:
+    """The modules whose code the hash covers, in a stable order."""
+    files = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel not in NOT_TRAINING_CODE and "__pycache__" not in rel:
+            files.append(path)
+    return files
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_digest(text: str) -> str:
+    """Hash of one module's code, blind to comments, formatting and docstrings."""
+    tree = _strip_docstrings(ast.parse(text))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+
+
+@functools.cache
+def code_hash(package: Path = PACKAGE) -> str:
+    """12 hex digits over the training modules' names and code (computed once per process)."""
+    h = hashlib.sha256()
+    for path in training_sources(package):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0")
+        h.update(source_digest(path.read_text()).encode() + b"\n")
+    return h.hexdigest()[:12]

@@ -1,0 +1,39 @@
+"""The named random streams of mocosfl: every random draw is ``(seed, stream, *counters)``.
+
+Randomness is derived from the config's seed, a stream id and counters (round, step, epoch) rather
+than carried as generator state, so a run resumed from any checkpoint replays exactly. The ids are
+part of every recorded result: changing one changes the numbers of every run that uses it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Stream(IntEnum):
+    PARTICIPANTS = 1  # (seed, 1, round): which clients take part in a round
+    ROUND_ORDER = 2  # (seed, 2, round): each participant's shard order for the round
+    AUGMENT = 3  # (seed, 3, step): the two augmented views of a step
+    CENTRAL_EPOCH = 5  # (seed, 5, epoch): centralized MoCo's permutation of the pool
+    QUEUE_INIT = 7  # (seed, 7): the key queue's initial random keys
+    FLMOCO_QUEUE = 8  # (seed, 8, round): FL-MoCo's local queues, fresh each round
+    TRAIN_SUBSET = 11  # (seed, 11): data.train_limit's slice of the training set
+    TEST_SUBSET = 12  # (seed, 12): data.test_limit's slice of the test set
+    KNN_BANK = 13  # (seed, 13): the kNN monitor's memory bank (training images)
+    KNN_QUERIES = 14  # (seed, 14): the kNN monitor's queries
+    BENCH_AUGMENT = 99  # (seed, 99, i): images of the bench's augmentation timing
+
+
+def rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:
+    """A NumPy generator for one draw of ``stream`` at ``counters`` (e.g. the round)."""
+    return np.random.default_rng([seed, int(stream), *counters])
+
+
+def torch_generator(seed: int, stream: Stream, *counters: int) -> torch.Generator:
+    """A CPU torch generator seeded from ``rng(seed, stream, *counters)``."""
+    g = torch.Generator()
+    g.manual_seed(int(rng(seed, stream, *counters).integers(2**62)))
+    return g
