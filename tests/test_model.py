@@ -17,6 +17,7 @@ from mocosfl.models.resnet import (
     feature_dim,
     group_norm,
     resnet18_stages,
+    standardize_weight,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,12 +33,14 @@ def test_client_param_count_at_width_64(cut: int, expected: int) -> None:
 
 
 def test_client_and_server_together_are_resnet18() -> None:
-    # ResNet-18 (CIFAR stem, GN affine params instead of BN) has 11.17 M backbone params at width 64.
+    # torchvision's ImageNet resnet18 has 11,689,512 parameters. Without its 1000-class fc (513,000) and
+    # with the 3x3x3 CIFAR stem instead of the 7x7x3 one (1,728 instead of 9,408) that is 11,168,832;
+    # GroupNorm has the same 2 affine parameters per channel as BatchNorm.
+    resnet18_cifar = 11_689_512 - 513_000 - 9_408 + 1_728
     client, server = build_split_model(64, 3, proj_hidden_dim=1024, proj_dim=1024)
-    backbone = sum(count_params(s) for s in resnet18_stages(64, 32))
     head = 512 * 1024 + 1024 + 1024 * 1024 + 1024
-    assert count_params(client) + count_params(server) == backbone + head
-    assert 11_100_000 < backbone < 11_250_000
+    assert count_params(client) + count_params(server) == resnet18_cifar + head
+    assert sum(count_params(s) for s in resnet18_stages(64, 32)) == resnet18_cifar
 
 
 def test_client_has_no_buffers() -> None:
@@ -48,33 +51,94 @@ def test_client_has_no_buffers() -> None:
 
 # ---------------------------------------------------------------- split == unsplit
 
+# An independent ResNet-18 (CIFAR stem) written out with torch.nn.functional, in float64, reading the
+# split model's parameters by their ResNet names. It shares no code with mocosfl.models.resnet, so a
+# wrong stage list (a missing block, a wrong stride, a shortcut in the wrong place) shows up as a
+# missing/unused parameter or a different output.
 
-def _unsplit_from(client: nn.Module, server: nn.Module, width: int, groups: int) -> tuple[nn.Sequential, nn.Module]:
-    """A fresh, never-split network (stage list + head) loaded stage by stage with the split model's weights."""
-    stages = resnet18_stages(width, groups)
-    split_stages = list(client) + list(server.backbone)
-    assert len(split_stages) == len(stages)
-    for fresh, trained in zip(stages, split_stages, strict=True):
-        fresh.load_state_dict(trained.state_dict())
-    head = build_split_model(width, 1, 16, 12, groups)[1].head
-    head.load_state_dict(server.head.state_dict())
-    return nn.Sequential(*stages), head
+RESNET_STAGES = ("stem", "layer1.0", "layer1.1", "layer2", "layer3", "layer4")  # what the split model's stages hold
+
+
+def _resnet_names(client: nn.Module, server: nn.Module) -> dict[str, torch.Tensor]:
+    """The split model's parameters under plain ResNet names (stem.conv.weight, layer2.0.shortcut.norm.bias, ...)."""
+    params: dict[str, torch.Tensor] = {}
+    k = len(client)
+
+    def add(stage: int, rest: str, t: torch.Tensor) -> None:
+        name = RESNET_STAGES[stage]
+        if name == "stem":
+            rest = {"0.weight": "conv.weight", "1.weight": "norm.weight", "1.bias": "norm.bias"}[rest]
+        rest = rest.replace("shortcut.0.", "shortcut.conv.").replace("shortcut.1.", "shortcut.norm.")
+        params[f"{name}.{rest}"] = t.detach().double()
+
+    for n, t in client.named_parameters():
+        i, rest = n.split(".", 1)
+        add(int(i), rest, t)
+    for n, t in server.named_parameters():
+        part, i, rest = n.split(".", 2)
+        if part == "backbone":
+            add(k + int(i), rest, t)
+        else:
+            params[f"head.fc{1 if i == '0' else 2}.{rest}"] = t.detach().double()
+    return params
+
+
+def _ws(w: torch.Tensor) -> torch.Tensor:
+    # Weight Standardization: per output channel, population variance, epsilon 1e-5 inside the sqrt.
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    return (w - mean) / torch.sqrt(var + 1e-5)
+
+
+def _reference_features(p: dict[str, torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Plain CIFAR ResNet-18 (GN + WS): x [B, 3, H, W] -> [B, 8*width]. Consumes the parameters it uses from p."""
+
+    def conv(h: torch.Tensor, name: str, stride: int, padding: int) -> torch.Tensor:
+        return F.conv2d(h, _ws(p.pop(f"{name}.weight")), stride=stride, padding=padding)
+
+    def gn(h: torch.Tensor, name: str) -> torch.Tensor:
+        return F.group_norm(h, groups, p.pop(f"{name}.weight"), p.pop(f"{name}.bias"), eps=1e-5)
+
+    h = F.relu(gn(conv(x.double(), "stem.conv", 1, 1), "stem.norm"))  # 3x3 stride 1, no max-pool
+    for layer, stride in (("layer1", 1), ("layer2", 2), ("layer3", 2), ("layer4", 2)):
+        for block in (0, 1):
+            b = f"{layer}.{block}"
+            s = stride if block == 0 else 1
+            out = F.relu(gn(conv(h, f"{b}.conv1", s, 1), f"{b}.norm1"))
+            out = gn(conv(out, f"{b}.conv2", 1, 1), f"{b}.norm2")
+            # Projection shortcut (1x1 conv + norm) where the block changes resolution and width.
+            short = gn(conv(h, f"{b}.shortcut.conv", s, 0), f"{b}.shortcut.norm") if block == 0 and s == 2 else h
+            h = F.relu(out + short)
+    return h.mean(dim=(2, 3))  # adaptive average pool to 1x1, flattened
+
+
+def _reference_head(p: dict[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor:
+    h = F.relu(F.linear(f, p.pop("head.fc1.weight"), p.pop("head.fc1.bias")))
+    return F.linear(h, p.pop("head.fc2.weight"), p.pop("head.fc2.bias"))
+
+
+def _perturbed_split_model(width: int, cut: int) -> tuple[nn.Sequential, nn.Module]:
+    torch.manual_seed(0)
+    client, server = build_split_model(width, cut, proj_hidden_dim=16, proj_dim=12, gn_groups=32)
+    # Perturb every parameter so the GN affine params are not the trivial 1/0 init.
+    with torch.no_grad():
+        for param in list(client.parameters()) + list(server.parameters()):
+            param.add_(0.1 * torch.randn_like(param))
+    return client, server
 
 
 @pytest.mark.parametrize("cut", [1, 3, 5])
 def test_server_of_client_equals_unsplit_network(cut: int) -> None:
-    torch.manual_seed(0)
-    client, server = build_split_model(8, cut, proj_hidden_dim=16, proj_dim=12, gn_groups=32)
-    # Perturb the GN affine params so they are not the trivial 1/0 init.
-    with torch.no_grad():
-        for p in list(client.parameters()) + list(server.parameters()):
-            p.add_(0.1 * torch.randn_like(p))
-    torch.manual_seed(1)
-    full, head = _unsplit_from(client, server, 8, 32)
-    x = torch.randn(3, 3, 12, 12)
+    client, server = _perturbed_split_model(8, cut)
+    assert sum(1 for n, t in client.named_parameters() if t.dim() == 4) == cut  # cut = conv layers on the client
+    p = _resnet_names(client, server)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     split_out = server(client(x))
     assert split_out.shape == (3, 12)
-    torch.testing.assert_close(split_out, head(full(x)), rtol=1e-5, atol=1e-6)
+    # Width 8: the 32 groups of width 64 scale to 4 (channels per group as at width 64).
+    ref = _reference_head(p, _reference_features(p, x, groups=4))
+    assert not p, f"parameters the reference ResNet-18 does not have: {sorted(p)}"
+    torch.testing.assert_close(split_out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_all_cut_points_describe_the_same_network() -> None:
@@ -101,10 +165,14 @@ def test_smashed_data_shape(cut: int, channels: int, size: int) -> None:
 def test_encoder_output_dim(width: int) -> None:
     client, server = build_split_model(width, 3, 16, 12)
     enc = Encoder(client, server.backbone)
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 16, 16)  # layer4 output 2x2, so the pool is visibly an average
     out = enc(x)
     assert out.shape == (2, 8 * width) == (2, feature_dim(width))
-    torch.testing.assert_close(out, server.backbone(client(x)))
+    # Width 4 and 8: 32 groups at width 64 scale to 2 and 4.
+    p = _resnet_names(client, server)
+    ref = _reference_features(p, x, groups=width // 2)
+    assert sorted(p) == ["head.fc1.bias", "head.fc1.weight", "head.fc2.bias", "head.fc2.weight"]
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- weight standardization
@@ -123,7 +191,7 @@ def test_wsconv_matches_hand_standardization() -> None:
         mu = flat.sum() / flat.size
         var = ((flat - mu) ** 2).sum() / flat.size  # population variance
         w_hat[o] = (w[o] - mu) / np.sqrt(var + 1e-5)
-    assert np.allclose(w_hat.reshape(5, -1).mean(axis=1), 0, atol=1e-6)
+    torch.testing.assert_close(standardize_weight(conv.weight).double(), torch.from_numpy(w_hat), rtol=1e-5, atol=1e-6)
     x = torch.randn(2, 3, 9, 9)
     ref = F.conv2d(x.double(), torch.from_numpy(w_hat), conv.bias.detach().double(), stride=2, padding=1)
     out = conv(x)
