@@ -27,8 +27,9 @@ test: setup  ## run the whole test suite (what CI runs)
 test-fast: setup  ## run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup  ## ruff + mypy
-	$(VENV)/bin/ruff check mocosfl pipelines tests
+lint: setup  ## ruff check + ruff format --check (mocosfl pipelines tests scripts) + mypy (mocosfl pipelines)
+	$(VENV)/bin/ruff check mocosfl pipelines tests scripts
+	$(VENV)/bin/ruff format --check mocosfl pipelines tests scripts
 	$(VENV)/bin/mypy mocosfl pipelines
 
 pipeline: setup  ## the Prefect flow prepare -> partition -> pretrain -> evaluate -> report (PROFILE=smoke: ~2 min)
