@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from mocosfl.config import Config
-from mocosfl.models.resnet import Encoder, ServerModel, build_split_model
-from mocosfl.sfl.trainer import moco_loss
+from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
+from mocosfl.sfl.server import local_queue_size
+from mocosfl.sfl.trainer import Plan, moco_loss
 
 
 def peak_rss_mb() -> float:
@@ -110,3 +111,21 @@ def flmoco_client_flops(cfg: Config, client_batch_size: int, local_queue_size: i
         loss.backward()
 
     return count_flops(step) / b
+
+
+def client_cost(method: str, cfg: Config, plan: Plan | None) -> tuple[int | None, float | None]:
+    """(parameters a client holds, FLOPs per image of its step) for ``method`` at ``plan``.
+
+    MocoSFL clients hold the client model only; FL-MoCo clients the whole encoder and head and their
+    own K/M-key queue. None for methods without clients (central) or without training (``plan`` None).
+    """
+    if plan is None or method == "central":
+        return None, None
+    m = cfg.model
+    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+    if method == "mocosfl":
+        return count_params(client), mocosfl_client_flops(cfg, plan.client_batch_size)
+    if method == "flmoco":
+        queue = local_queue_size(cfg.moco.queue_size, plan.clients_per_round)
+        return count_params(client) + count_params(server), flmoco_client_flops(cfg, plan.client_batch_size, queue)
+    raise ValueError(f"unknown method {method!r} (known: mocosfl, central, flmoco)")

@@ -1,10 +1,12 @@
 """`mocosfl results`: a named suite of runs (MocoSFL, baselines, ablations) at one budget, as one table.
 
-Suites are the Python table ``SUITES`` below. Each row is a method plus config overrides on top of the
+Suites are the Python tables in ``mocosfl/experiments/suites.py``; what a row means (its config, plan,
+run and costs) is ``mocosfl.experiments.rows``. This module is the edge around them: the loop with its
+cache, the markdown/CSV/plots and MLflow. Each row is a method plus config overrides on top of the
 chosen profile, so every row sees the same number of images (the profile's steps x batch B). A finished
-row is cached as ``<runs_dir>/results/<row-hash>.json``, keyed by its method, resolved config and data,
-and not run again; pretrain runs resume from their checkpoints as ``mocosfl pretrain`` does. Each row is
-an MLflow run nested under one parent run per invocation. Output in ``report.out_dir``:
+row is cached as ``<runs_dir>/results/<row-key>.json``, keyed by its method, resolved config, data and
+training-code hash, and not run again; pretrain runs resume from their checkpoints as ``mocosfl pretrain``
+does. Each row is an MLflow run nested under one parent run per invocation. Output in ``report.out_dir``:
 ``results-<profile>.{md,csv}`` for the profile's default suite (``main``; ``paper`` on the paper profile)
 and ``results-<profile>-<suite>.{md,csv}`` for any other, so a smoke run never overwrites the committed
 cpu table; plus ``…-probe.png`` and ``…-knn.png``.
@@ -18,78 +20,23 @@ import io
 import json
 import os
 import platform
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mocosfl import workflow
-from mocosfl.config import Config, ConfigError, config_hash
-from mocosfl.costs import flmoco_client_flops, mocosfl_client_flops
-from mocosfl.eval.knn import extract_features
-from mocosfl.eval.linear import linear_probe
-from mocosfl.models.resnet import Encoder, build_split_model, count_params, feature_dim
-from mocosfl.sfl.trainer import Plan, resolve_device, resolve_plan
+from mocosfl.config import Config, ConfigError
+from mocosfl.experiments import rows
+from mocosfl.experiments.rows import default_suite
+from mocosfl.experiments.suites import SUITES
+from mocosfl.io import atomic_path, write_json, write_text
 from pipelines import tracking
 
-NEVER = "never"  # sfl.sync_period of a row that never syncs: one round for the whole run
-ROW_SECTIONS = ("seed", "data", "partition", "model", "sfl", "moco", "pretrain", "evaluate")
 # "MocoSFL matches centralized MoCo" when its linear probe is at most this many points below.
 MATCH_POINTS = 2.0
-
-
-@dataclass(frozen=True)
-class Row:
-    """One run of a suite: ``method`` with ``overrides`` (dotted keys, as ``--set``) on the profile."""
-
-    label: str
-    method: str  # mocosfl | central | flmoco | random
-    group: str  # the comparison it belongs to
-    overrides: dict[str, Any] = field(default_factory=dict)
-    # FL-MoCo: this many participants per round, each with batch B / fl_clients (B of the profile's plan).
-    fl_clients: int | None = None
-    curve: bool = False  # drawn in the kNN-vs-step plot
-
-
-MOCOSFL = Row("MocoSFL", "mocosfl", "method", curve=True)
-MAIN = [
-    MOCOSFL,
-    Row("centralized MoCo", "central", "method", curve=True),
-    Row("FL-MoCo", "flmoco", "method", fl_clients=10, curve=True),
-    Row("random init", "random", "method"),
-    Row("MocoSFL, no feature sharing", "mocosfl", "feature sharing", {"moco.feature_sharing": False}, curve=True),
-    Row("MocoSFL, sync every step", "mocosfl", "sync period", {"sfl.sync_period": 1}),
-    Row("MocoSFL, sync every 50", "mocosfl", "sync period", {"sfl.sync_period": 50}),
-    Row("MocoSFL, sync every 500", "mocosfl", "sync period", {"sfl.sync_period": 500}),
-    Row("MocoSFL, never sync", "mocosfl", "sync period", {"sfl.sync_period": NEVER}),
-]
-FULL = MAIN + [
-    Row("MocoSFL-3", "mocosfl", "cut layers", {"model.cut_layers": 3}),
-    Row("MocoSFL-5", "mocosfl", "cut layers", {"model.cut_layers": 5}),
-    Row("MocoSFL, IID", "mocosfl", "partition", {"partition.method": "iid"}),
-    Row("MocoSFL, N=100", "mocosfl", "clients", {"partition.num_clients": 100}),
-    Row("MocoSFL, N=1000", "mocosfl", "clients", {"partition.num_clients": 1000}),
-    # FL-MoCo with MocoSFL's own participants and client batch (M=100, b=1 at N=1000): ~10x the step time.
-    Row("FL-MoCo, MocoSFL's clients and batch", "flmoco", "method"),
-]
-# The paper's Table 3 (linear probe, ResNet-18, non-IID = 2 classes per client), for a GPU: --profile paper.
-PAPER = [
-    Row(
-        f"MocoSFL-{cut}, {'IID' if part == 'iid' else 'non-IID'}, N={n}",
-        "mocosfl",
-        f"table 3, N={n}",
-        {"model.cut_layers": cut, "partition.method": part, "partition.num_clients": n},
-    )
-    for n in (100, 200, 1000)
-    for cut, part in ((1, "iid"), (1, "noniid-shards"), (3, "noniid-shards"))
-] + [Row("centralized MoCo", "central", "reference"), Row("random init", "random", "reference")]
-SUITES: dict[str, list[Row]] = {"main": MAIN, "full": FULL, "paper": PAPER}
 
 COLUMNS = [
     "method",
@@ -110,237 +57,7 @@ COLUMNS = [
 ]
 
 
-# ----------------------------------------------------------------------------- resolving rows
-
-
-@dataclass
-class Resolved:
-    """A row made concrete: its config, plan (None for random init) and cache key."""
-
-    row: Row
-    cfg: Config
-    plan: Plan | None
-    key: str
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _results_dir(cfg: Config) -> Path:
-    return Path(cfg.pretrain.runs_dir) / "results"
-
-
-def _ensure_partition(cfg: Config) -> list[np.ndarray]:
-    workflow.prepare(cfg)
-    if not workflow.shards_path(cfg).exists():
-        workflow.partition(cfg)
-    return workflow.load_partition(cfg, workflow.Dataset(cfg))
-
-
-def resolve(base: Config, row: Row, suite: str) -> Resolved:
-    """Apply a row's overrides, partition its data if needed and fix its plan.
-
-    A sync period at or beyond the run's last step is one round for the whole run, so it is set to the
-    step count: "never", 500 and 50 at 8 steps are then the same run and computed once.
-    """
-    over = {k: v for k, v in row.overrides.items() if v != NEVER}
-    over["metrics_dir"] = str(_results_dir(base) / suite / _slug(row.label))
-    if row.method == "random":
-        over["evaluate.encoder"] = "random"
-    cfg = base.replace(**over)
-    if row.method == "random":
-        workflow.prepare(cfg)
-        ds = workflow.Dataset(cfg)
-        return Resolved(row, cfg, None, _key(cfg, row.method, ds.fingerprint()))
-    shards = _ensure_partition(cfg)
-    plan = resolve_plan(cfg, np.array([len(s) for s in shards]))
-    if row.fl_clients is not None:
-        if plan.batch_size % row.fl_clients:
-            raise ConfigError(
-                f"row '{row.label}': batch B={plan.batch_size} is not divisible by "
-                f"{row.fl_clients} FL-MoCo clients per round"
-            )
-        cfg = cfg.replace(
-            **{"sfl.clients_per_round": row.fl_clients, "sfl.client_batch_size": plan.batch_size // row.fl_clients}
-        )
-    never = row.overrides.get("sfl.sync_period") == NEVER
-    cfg = cfg.replace(**{"sfl.sync_period": plan.total_steps if never else min(cfg.sfl.sync_period, plan.total_steps)})
-    plan = resolve_plan(cfg, np.array([len(s) for s in shards]))
-    ds = workflow.Dataset(cfg)
-    return Resolved(row, cfg, plan, _key(cfg, row.method, workflow.data_hash(ds, workflow.shards_path(cfg))))
-
-
-def _key(cfg: Config, method: str, data: str) -> str:
-    return config_hash(cfg, ROW_SECTIONS, f"{method}:{data}")
-
-
-# ----------------------------------------------------------------------------- running one row
-
-
-def _queue_text(r: Resolved) -> str:
-    cfg, plan = r.cfg, r.plan
-    if plan is None:
-        return ""
-    k = cfg.moco.queue_size
-    if r.row.method == "flmoco":
-        return f"{max(1, k // plan.clients_per_round)} per client (local)"
-    if r.row.method == "mocosfl" and not cfg.moco.feature_sharing:
-        return f"{max(1, k // plan.clients_per_round)} per client"
-    return f"{k} shared" if r.row.method == "mocosfl" else str(k)
-
-
-def client_cost(r: Resolved) -> tuple[int | None, float | None]:
-    """(client parameters, client FLOPs per image) of a row's method; None where there are no clients."""
-    cfg, plan = r.cfg, r.plan
-    if plan is None or r.row.method == "central":
-        return None, None
-    m = cfg.model
-    if r.row.method == "mocosfl":
-        client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
-        return count_params(client), mocosfl_client_flops(cfg, plan.client_batch_size)
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
-    local_queue = max(1, cfg.moco.queue_size // plan.clients_per_round)
-    return (count_params(client) + count_params(server), flmoco_client_flops(cfg, plan.client_batch_size, local_queue))
-
-
-def run_row(
-    r: Resolved,
-    log: Callable[[str], None],
-    on_row: Callable[[dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Pretrain (unless random init) and evaluate one row; returns its table entry."""
-    cfg, row, plan = r.cfg, r.row, r.plan
-    pre: dict[str, Any] = {}
-    if row.method != "random":
-        assert plan is not None
-
-        def on_step(step_row: dict[str, float]) -> None:
-            if "knn_top1" in step_row:
-                log(
-                    f"  step {int(step_row['step'])}/{plan.total_steps}: loss {step_row['loss_mean']:.3f}, "
-                    f"kNN {step_row['knn_top1']:.1f}%"
-                )
-            if on_row and "epoch" in step_row:
-                on_row(step_row)
-
-        pre = workflow.pretrain(cfg, on_step=on_step, method=row.method)
-    ev = workflow.evaluate(cfg, log=lambda s: log("  " + s), method="mocosfl" if row.method == "random" else row.method)
-    params, flops = client_cost(r)
-    train_s = float(pre.get("train_seconds", 0.0)) + float(pre.get("knn_seconds", 0.0))
-    return {
-        "label": row.label,
-        "group": row.group,
-        "method": row.method,
-        "key": r.key,
-        "num_clients": plan.num_clients if plan and row.method != "central" else None,
-        "partition": cfg.partition.method if plan and row.method != "central" else None,
-        "cut_layers": cfg.model.cut_layers if row.method == "mocosfl" else None,
-        "sync_period": plan.sync_period if plan and row.method in ("mocosfl", "flmoco") else None,
-        "never_sync": bool(plan and plan.sync_period >= plan.total_steps),
-        "clients_per_round": plan.clients_per_round if plan else None,
-        "client_batch_size": plan.client_batch_size if plan else None,
-        "batch_size": plan.batch_size if plan else None,
-        "queue": _queue_text(r),
-        "width": cfg.model.width,
-        "steps": int(pre.get("steps", 0)),
-        "images_seen": int(pre.get("images_seen", 0)),
-        "knn_top1": ev["knn_top1"],
-        "linear_probe_top1": ev["linear_probe_top1"],
-        "linear_probe_top1_final_epoch": ev["linear_probe_top1_final_epoch"],
-        "client_params": params,
-        "bytes_per_client": pre.get("bytes_per_client"),
-        "client_flops_per_image": flops,
-        "train_seconds": train_s,
-        "eval_seconds": float(ev["seconds"]),
-        "wall_seconds": train_s + float(ev["seconds"]),
-        "knn_history": [
-            {"step": h["step"], "knn_top1": h["knn_top1"]} for h in pre.get("history", []) if "knn_top1" in h
-        ],
-        "run_dir": pre.get("run_dir"),
-    }
-
-
-# ----------------------------------------------------------------------------- time estimate
-
-
-def _seconds_per_step(r: Resolved, ds: workflow.Dataset) -> float:
-    """A quick probe: one warm-up step, then the mean of two timed steps of a fresh trainer."""
-    assert r.plan is not None
-    p = ds.prepared
-    shards = workflow.load_partition(r.cfg, ds)
-    trainer = workflow.make_trainer(
-        r.row.method, r.cfg, ds.train_x(), shards, p.mean, p.std, None, resolve_device(r.cfg.device)
-    )
-    trainer.advance()
-    t0 = time.perf_counter()
-    for _ in range(2):
-        trainer.advance()
-    return (time.perf_counter() - t0) / 2
-
-
-def _seconds_per_image(cfg: Config, ds: workflow.Dataset) -> float:
-    """Feature extraction time per image of a fresh encoder of this width and cut."""
-    m = cfg.model
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
-    enc = Encoder(client, server.backbone).eval()
-    images = ds.train_x()[: cfg.evaluate.batch_size]
-    kw: dict[str, Any] = dict(
-        mean=ds.prepared.mean, std=ds.prepared.std, image_size=cfg.data.image_size, batch_size=cfg.evaluate.batch_size
-    )
-    extract_features(enc, images, **kw)
-    t0 = time.perf_counter()
-    extract_features(enc, images, **kw)
-    return (time.perf_counter() - t0) / len(images)
-
-
-def _probe_seconds(cfg: Config, n_train: int, n_test: int, num_classes: int) -> float:
-    """Linear-probe time: one epoch on random features of the right shape, times the epoch count."""
-    e, dim = cfg.evaluate, feature_dim(cfg.model.width)
-    t0 = time.perf_counter()
-    linear_probe(
-        torch.randn(n_train, dim),
-        torch.randint(0, num_classes, (n_train,)),
-        torch.randn(n_test, dim),
-        torch.randint(0, num_classes, (n_test,)),
-        num_classes,
-        1,
-        e.linear_lr,
-        e.linear_batch_size,
-        e.val_fraction,
-        cfg.seed,
-    )
-    return (time.perf_counter() - t0) * e.linear_epochs
-
-
-def estimate(todo: list[Resolved], log: Callable[[str], None]) -> float:
-    """Estimated seconds for the rows still to run, from a few timed steps of each; logged per row."""
-    total = 0.0
-    for r in todo:
-        cfg = r.cfg
-        ds = workflow.Dataset(cfg)
-        per_image = _seconds_per_image(cfg, ds)
-        n_train, n_test = len(ds.train_idx), len(ds.test_idx)
-        seconds = per_image * (n_train + n_test) + _probe_seconds(cfg, n_train, n_test, ds.num_classes)
-        text = "evaluation only"
-        if r.plan is not None:
-            pc, steps = cfg.pretrain, r.plan.total_steps
-            step_s = _seconds_per_step(r, ds)
-            monitors = steps // pc.knn_every + (1 if steps % pc.knn_every else 0)
-            monitor_images = min(pc.knn_bank_size, n_train) + min(pc.knn_test_size, n_test)
-            seconds += step_s * steps + monitors * monitor_images * per_image
-            text = f"{step_s:.2f} s/step x {steps} steps + {monitors} kNN monitors + evaluation"
-        log(f"  {r.row.label}: ~{seconds / 60:.1f} min ({text})")
-        total += seconds
-    return total
-
-
 # ----------------------------------------------------------------------------- outputs
-
-
-def default_suite(profile: str) -> str:
-    """The suite a profile runs when none is named: ``paper`` for the paper profile, ``main`` otherwise."""
-    return "paper" if profile == "paper" else "main"
 
 
 def output_stem(cfg: Config, suite: str) -> str:
@@ -531,13 +248,6 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> list[str]:
     """Bar chart of linear-probe top-1 per row and kNN monitor vs step of the curve rows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -557,9 +267,8 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
     ax.set_title("Linear probe per method")
     fig.tight_layout()
     name = f"{stem}-probe.png"
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out_dir / name)
+    with atomic_path(out_dir / name, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     written.append(name)
 
     curves = [e for e in entries if e.get("curve") and e["knn_history"]]
@@ -577,9 +286,8 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
         ax.legend(fontsize=8)
         fig.tight_layout()
         name = f"{stem}-knn.png"
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out_dir / name)
+        with atomic_path(out_dir / name, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
         written.append(name)
     return written
 
@@ -588,7 +296,7 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
 
 
 def _log_row_mlflow(
-    r: Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool, suite: str
+    r: rows.Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool, suite: str
 ) -> None:
     import mlflow
 
@@ -600,6 +308,8 @@ def _log_row_mlflow(
         "cached": str(cached).lower(),
         "group": r.row.group,
     }
+    if "code_hash" in entry:
+        tags["code_hash"] = entry["code_hash"]
     with tracking.mlflow_run(r.cfg, r.row.label, nested=True, tags=tags):
         mlflow.log_param("method", r.row.method)
         for h in history or entry["knn_history"]:
@@ -613,9 +323,9 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}' (known: {', '.join(SUITES)})")
     t_suite = time.perf_counter()
-    cache = _results_dir(cfg)
-    resolved = [resolve(cfg, row, suite) for row in SUITES[suite]]
-    unique: dict[str, Resolved] = {}
+    cache = rows.results_dir(cfg)
+    resolved = [rows.resolve(cfg, row, suite) for row in SUITES[suite]]
+    unique: dict[str, rows.Resolved] = {}
     for r in resolved:
         unique.setdefault(r.key, r)
     todo = [r for r in unique.values() if not (cache / f"{r.key}.json").exists()]
@@ -624,7 +334,7 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
         f"{len(unique) - len(todo)} already finished"
     )
     if todo:
-        seconds = estimate(todo, log)
+        seconds = rows.estimate(todo, log)
         log(f"estimated time for {len(todo)} runs: ~{seconds / 60:.0f} min")
 
     track = tracking.enabled(cfg)
@@ -641,8 +351,8 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
                 entry = json.loads(path.read_text())
             else:
                 log(f"[{i}/{len(resolved)}] {r.row.label} ({r.row.method})")
-                entry = run_row(r, log, on_row=history.append)
-                workflow.write_json(path, entry)
+                entry = rows.run_row(r, log, on_row=history.append)
+                write_json(path, entry)
             done[r.key] = entry
             entry = {**entry, "label": r.row.label, "group": r.row.group, "curve": r.row.curve}
             if cached:
@@ -657,8 +367,8 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
         plots = plot_results(entries, out_dir, stem)
         suite_seconds = time.perf_counter() - t_suite
         md, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-        _write(md, markdown(cfg, suite, entries, stem, suite_seconds, plots))
-        _write(csv_path, csv_text(entries))
+        write_text(md, markdown(cfg, suite, entries, stem, suite_seconds, plots))
+        write_text(csv_path, csv_text(entries))
         if track:
             import mlflow
 

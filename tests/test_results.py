@@ -1,5 +1,6 @@
 """`mocosfl results` on the tiny test profile: every method end to end, the table and plots, equal budgets,
-skipping finished rows (keyed by resolved config), MLflow parent + nested runs; plus the pure helpers."""
+skipping finished rows (keyed by resolved config, data and training code), MLflow parent + nested runs;
+plus the rendering helpers. The suites and row rules themselves: tests/test_experiments.py."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import csv
 from pathlib import Path
 
 import pytest
+from conftest import PARAMS, cli_args
 
+from mocosfl import identity
 from mocosfl.config import ConfigError, load_config
+from mocosfl.experiments import rows
+from mocosfl.experiments.suites import MAIN
 from pipelines import results as R
-from tests.conftest import PARAMS, cli_args
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_main_suite_runs_every_method(suite) -> None:
     assert all(Path(p).stat().st_size > 0 for p in out["plots"])
     assert any(line.startswith("estimated time for 7 runs") for line in log)
     rows = _rows(out["csv"])
-    assert [r["label"] for r in rows] == [row.label for row in R.MAIN]
+    assert [r["label"] for r in rows] == [row.label for row in MAIN]
     assert {r["method"] for r in rows} == {"mocosfl", "central", "flmoco", "random"}
     by = {r["label"]: r for r in rows}
     trained = [r for r in rows if r["method"] != "random"]
@@ -76,14 +80,14 @@ def test_second_run_skips_finished_rows_and_logs_to_mlflow(suite, tmp_path, monk
 
     for name in ("pretrain", "evaluate", "make_trainer"):
         monkeypatch.setattr(workflow, name, boom)
-    monkeypatch.setattr(R, "estimate", boom)
+    monkeypatch.setattr(rows, "estimate", boom)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MOCOSFL_TRACKING", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     log: list[str] = []
     again = R.run_suite(cfg, "main", log=log.append)
     assert again["ran"] == 0 and again["linear_probe_top1"] == first["linear_probe_top1"]
-    assert sum(line.startswith("[") and "already finished" in line for line in log) == len(R.MAIN)
+    assert sum(line.startswith("[") and "already finished" in line for line in log) == len(MAIN)
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
@@ -96,7 +100,7 @@ def test_second_run_skips_finished_rows_and_logs_to_mlflow(suite, tmp_path, monk
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(c.info.run_name for c in children) == sorted(row.label for row in R.MAIN)
+    assert sorted(c.info.run_name for c in children) == sorted(row.label for row in MAIN)
     for c in children:
         assert c.data.tags["cached"] == "true" and "linear_probe_top1" in c.data.metrics
         assert "sfl.sync_period" in c.data.params
@@ -113,7 +117,7 @@ def test_changed_evaluation_reruns_rows_but_reuses_pretraining(suite, monkeypatc
         raise AssertionError("a finished pretrain run was trained again")
 
     monkeypatch.setattr(workflow, "make_trainer", boom)
-    monkeypatch.setattr(R, "_seconds_per_step", lambda r, ds: 0.0)
+    monkeypatch.setattr(rows, "_seconds_per_step", lambda r, ds: 0.0)
     out = R.run_suite(cfg, "main", log=lambda s: None)
     assert out["ran"] == 7  # every distinct row evaluated again (its key covers `evaluate`), none retrained
     assert out["markdown"] == first["markdown"]
@@ -122,9 +126,13 @@ def test_changed_evaluation_reruns_rows_but_reuses_pretraining(suite, monkeypatc
 def test_unknown_suite_is_one_line_error(prepared, capsys) -> None:
     from mocosfl.cli import main
 
-    assert main(cli_args("results", prepared, "--suite", "nope")) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's choices, in the CLI's one-line form
+        main(cli_args("results", prepared, "--suite", "nope"))
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "mocosfl results: error: unknown suite 'nope' (known: main, full, paper)"
+    assert len(err.splitlines()) == 1 and "'nope'" in err and "main" in err and "paper" in err
+    with pytest.raises(ConfigError, match=r"unknown suite 'nope' \(known: main, full, paper\)"):
+        R.run_suite(load_config(PARAMS, "test", prepared), "nope")
 
 
 def test_output_names_keep_the_cpu_table_apart() -> None:
@@ -135,22 +143,25 @@ def test_output_names_keep_the_cpu_table_apart() -> None:
     assert R.output_stem(load_config(PARAMS, "paper"), "main") == "results-paper-main"
 
 
-def test_suites_are_valid_configs() -> None:
-    """Every row's overrides are real keys with allowed values on its profile (no data needed)."""
-    assert set(R.SUITES) == {"main", "full", "paper"}
-    assert {r.label for r in R.MAIN} <= {r.label for r in R.FULL}
-    table3 = [r for r in R.PAPER if r.group.startswith("table 3")]
-    assert len(table3) == 9
-    assert {
-        (r.overrides["model.cut_layers"], r.overrides["partition.method"], r.overrides["partition.num_clients"])
-        for r in table3
-    } == {(c, p, n) for n in (100, 200, 1000) for c, p in ((1, "iid"), (1, "noniid-shards"), (3, "noniid-shards"))}
-    for name, profile in (("main", "cpu"), ("full", "cpu"), ("paper", "paper")):
-        cfg = load_config(PARAMS, profile)
-        for row in R.SUITES[name]:
-            cfg.replace(**{k: v for k, v in row.overrides.items() if v != R.NEVER})
-    with pytest.raises(ConfigError):
-        load_config(PARAMS, "cpu").replace(**{"sfl.sync_period": 0})
+@pytest.mark.slow
+def test_training_code_edit_reruns_every_row(suite, monkeypatch) -> None:
+    """After an edit to training code (another code hash) no cached row is reused."""
+    cfg, _, _, _, _ = suite
+
+    class Stop(Exception):
+        pass
+
+    todo: list[int] = []
+
+    def count(rows_to_run, log):
+        todo.append(len(rows_to_run))
+        raise Stop
+
+    monkeypatch.setattr(rows, "estimate", count)
+    monkeypatch.setattr(identity, "code_hash", lambda: "edited-code")
+    with pytest.raises(Stop):
+        R.run_suite(cfg, "main", log=lambda s: None)
+    assert todo == [7]  # every distinct row of the main suite
 
 
 def _entry(label: str, probe: float, flops: float | None = None, mb: float | None = None) -> dict:
