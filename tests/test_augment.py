@@ -101,7 +101,10 @@ def test_two_views_differ_and_are_reproducible() -> None:
 def test_everything_off_equals_normalize_only() -> None:
     aug = _only()
     x = _images(16)
-    torch.testing.assert_close(aug(x, _gen(0)), normalize_only(x, MEAN, STD, 32), atol=1e-5, rtol=0)
+    out = aug(x, _gen(0))
+    ref = (_as_float(x) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, normalize_only(x, MEAN, STD, 32), atol=1e-5, rtol=0)
 
 
 def test_normalize_only_resizes() -> None:
@@ -268,9 +271,15 @@ def test_jitter_frequency_in_output() -> None:
 
 
 def test_params_replace_roundtrip() -> None:
-    # apply() is a pure function of (images, params): reusing params reproduces the output exactly.
+    # apply() is a pure function of (images, params): it leaves both untouched, a copy of the params
+    # reproduces the output exactly, and __call__ is sample_params + apply.
     aug = MocoV2Augment(32, MEAN, STD)
     x = _images(8)
+    x_before = x.clone()
     p = aug.sample_params(8, 32, 32, _gen(9))
-    assert torch.equal(aug.apply(x, p), aug.apply(x, dataclasses.replace(p)))
-    assert torch.equal(aug.apply(x, p), aug(x, _gen(9)))
+    copy = dataclasses.replace(p, **{f.name: getattr(p, f.name).clone() for f in dataclasses.fields(p)})
+    out = aug.apply(x, p)
+    assert torch.equal(x, x_before)
+    assert all(torch.equal(getattr(p, f.name), getattr(copy, f.name)) for f in dataclasses.fields(p))
+    assert torch.equal(out, aug.apply(x, copy))
+    assert torch.equal(out, aug(x, _gen(9)))

@@ -313,7 +313,7 @@ def test_truncated_archive(tmp_path: Path) -> None:
 def test_not_a_gzip_archive(tmp_path: Path) -> None:
     archive = tmp_path / "mini.tar.gz"
     archive.write_bytes(b"this is not gzip data" * 10)
-    expect_error(archive, tmp_path, str(archive))
+    expect_error(archive, tmp_path, str(archive), "corrupt")
 
 
 def test_corrupted_archive_bytes(archive: Path, tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ def test_corrupted_archive_bytes(archive: Path, tmp_path: Path) -> None:
     for i in range(len(data) // 3, len(data) // 3 + 64):
         data[i] ^= 0xFF
     archive.write_bytes(bytes(data))
-    expect_error(archive, tmp_path, str(archive))
+    expect_error(archive, tmp_path, str(archive), "corrupt")
 
 
 def test_undecodable_image_in_folder(tree: Path, tmp_path: Path) -> None:
@@ -333,7 +333,7 @@ def test_truncated_image_in_folder(tree: Path, tmp_path: Path) -> None:
     jpeg = tree / "test" / "cat" / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(jpeg)
     jpeg.write_bytes(jpeg.read_bytes()[:600])
-    expect_error(tree, tmp_path, str(jpeg))
+    expect_error(tree, tmp_path, str(jpeg), "cannot decode")
 
 
 def test_undecodable_image_in_archive(archive: Path, tmp_path: Path) -> None:

@@ -34,6 +34,12 @@ def test_keep_freed_memory_leaves_the_users_malloc_settings_alone(var: str, monk
 
 
 def test_configure_sets_threads() -> None:
-    code = "import torch; from mocosfl import runtime; runtime.configure(1); print(torch.get_num_threads())"
+    # A count other than the child's default, so the test cannot pass without configure() acting;
+    # None keeps the default.
+    code = (
+        "import torch; from mocosfl import runtime; n = torch.get_num_threads(); runtime.configure(None); "
+        "print(n, torch.get_num_threads(), end=' '); runtime.configure(n + 1); print(torch.get_num_threads())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
+    default, after_none, after = map(int, out.stdout.split())
+    assert (after_none, after) == (default, default + 1)
