@@ -1,23 +1,89 @@
 """`mocosfl <stage>`: the one command-line entry point (DVC stages and Prefect tasks call it too).
 
-Errors that users can fix print one line on stderr and exit 2; nothing else is caught.
+The core commands (prepare, partition, pretrain, evaluate, embed, bench, config) need only the library.
+Commands of the MLOps edge (tune, report, results) are plugins found through the ``mocosfl.commands``
+entry-point group, so this module never imports them. Mistakes a user can fix print one line on stderr
+and exit 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from mocosfl import __version__
+
+COMMAND_GROUP = "mocosfl.commands"
 EPILOG = "KEY is a dotted path into params.yaml, e.g. --set sfl.sync_period=10 --set model.width=16"
+CORE_HELP = {
+    "prepare": "decode the dataset once into uint8 arrays",
+    "partition": "split the training set into client shards",
+    "pretrain": "MocoSFL self-supervised pretraining (resumes its own run)",
+    "evaluate": "kNN and linear probe of the trained encoder",
+    "bench": "time the simulation against centralized MoCo (last line: JSON)",
+    "config": "print the resolved configuration",
+    "embed": "write encoder features of an ImageFolder to .npz",
+}
+
+log = logging.getLogger("mocosfl")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", help="named profile from params.yaml (default: its top-level `profile:`)")
+class CommandError(Exception):
+    """A mistake the user can fix, raised by a command (core or plugin): one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def client_counts(text: str) -> list[int]:
+    """``"100,1000"`` -> ``[100, 1000]``; argparse turns the error into one usage line."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of client counts, e.g. 100,1000"
+        ) from None
+    if any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: client counts must be >= 1")
+    return counts
+
+
+def _default_params() -> str:
+    return os.environ.get("MOCOSFL_PARAMS", "params.yaml")
+
+
+def profile_names(params: str | Path) -> list[str]:
+    """The profiles params.yaml defines (empty when it cannot be read: the command reports that)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(params).read_text()) or {}
+        return sorted((doc.get("profiles") or {}).keys())
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+
+
+def _common(p: argparse.ArgumentParser, profiles: list[str]) -> None:
+    listed = f": {', '.join(profiles)}" if profiles else ""
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help=f"named profile from params.yaml{listed} (default: its top-level `profile:`)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -27,48 +93,64 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override one config value (repeatable)",
     )
     p.add_argument(
-        "--params",
-        default=os.environ.get("MOCOSFL_PARAMS", "params.yaml"),
-        help="path to params.yaml (default: ./params.yaml or $MOCOSFL_PARAMS)",
+        "--params", default=_default_params(), help="path to params.yaml (default: ./params.yaml or $MOCOSFL_PARAMS)"
     )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (same as --set device=...)")
+
+
+def plugins() -> dict[str, Any]:
+    """Commands registered by installed packages (the `pipeline` edge registers tune, report, results).
+
+    Each is an object with ``help``, ``add_arguments(parser)`` and ``run(cfg, args) -> dict``; loading it
+    must not import heavy optional packages (it checks for them when it runs).
+    """
+    found = {}
+    for ep in entry_points(group=COMMAND_GROUP):
+        if ep.name not in CORE_HELP:
+            found[ep.name] = ep
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mocosfl", description="MocoSFL: split federated learning + MoCo v2.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    helps = {
-        "prepare": "decode the dataset once into uint8 arrays",
-        "partition": "split the training set into client shards",
-        "pretrain": "MocoSFL self-supervised pretraining (resumes its own run)",
-        "evaluate": "kNN and linear probe of the trained encoder",
-        "bench": "time the simulation against centralized MoCo (last line: JSON)",
-        "config": "print the resolved configuration",
-        "embed": "write encoder features of an ImageFolder to .npz",
-        "tune": "Optuna study over sync period and queue size (writes metrics/tune.json)",
-        "report": "write reports/report.md (+ .html, PNG plots) for this config's run",
-        "results": "run a suite of MocoSFL runs, baselines and ablations; write reports/results-*.md/.csv",
-    }
-    for name, text in helps.items():
+    parser = Parser(prog="mocosfl", description="MocoSFL: split federated learning + MoCo v2.")
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    profiles = profile_names(_default_params())
+    for name, text in CORE_HELP.items():
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG)
-        _common(p)
+        _common(p, profiles)
         if name == "bench":
-            p.add_argument("--clients", help="comma-separated client counts (default: partition.num_clients)")
+            p.add_argument(
+                "--clients", type=client_counts, help="comma-separated client counts (default: partition.num_clients)"
+            )
         if name == "embed":
             p.add_argument("--input", required=True, help="ImageFolder dir or .tar.gz with train/ and test/")
             p.add_argument("--output", required=True, help="output .npz")
             p.add_argument("--encoder", help="encoder.pt or run dir (default: this config's pretrain run)")
-        if name == "results":
-            p.add_argument("--suite", help="main | full | paper (default: paper on the paper profile, else main)")
+    for name, ep in plugins().items():
+        command = ep.load()
+        p = sub.add_parser(name, help=command.help, description=command.help, epilog=EPILOG)
+        _common(p, profiles)
+        command.add_arguments(p)
     return parser
 
 
-def _progress_bar(total: int, desc: str) -> Any:
+def version_text() -> str:
+    from mocosfl.identity import code_hash
+
+    return f"mocosfl {__version__} (training code {code_hash()})"
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _progress_bar(total: int, desc: str, unit: str = "step") -> Any:
     from tqdm import tqdm
 
     return tqdm(
         total=total,
         desc=desc,
-        unit="step",
+        unit=unit,
         dynamic_ncols=True,
         file=sys.stderr,
         disable=os.environ.get("MOCOSFL_NO_PROGRESS") == "1",
@@ -76,11 +158,9 @@ def _progress_bar(total: int, desc: str) -> Any:
 
 
 def cmd_prepare(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from mocosfl import workflow
 
-    bar = tqdm(desc="decoding", unit="img", file=sys.stderr, disable=os.environ.get("MOCOSFL_NO_PROGRESS") == "1")
+    bar = _progress_bar(0, "decoding", unit="img")
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -92,96 +172,68 @@ def cmd_prepare(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"prepared": str(path)}
 
 
-def _tracking(cfg: Any) -> Any:
-    """The MLflow edge (pipelines.tracking) when tracking is on and installed, else None."""
-    if not cfg.tracking.enabled or os.environ.get("MOCOSFL_TRACKING", "1") == "0":
-        return None
-    try:
-        from pipelines import tracking
-    except ImportError as e:
-        print(
-            f"warning: MLflow tracking is on but unavailable ({e}); set tracking.enabled=false or run `make setup`",
-            file=sys.stderr,
-        )
-        return None
-    return tracking
+def cmd_partition(cfg: Any) -> dict[str, Any]:
+    from mocosfl import workflow
+
+    return workflow.partition(cfg)
 
 
 def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from contextlib import ExitStack
-
     from mocosfl import workflow
+    from mocosfl.tracking import load_tracker
 
     state: dict[str, Any] = {}
-    tracking = _tracking(cfg)
 
     def on_start(trainer: Any, directory: Path) -> None:
         plan = trainer.plan
-        print(
-            f"run {directory} : N={plan.num_clients} M={plan.clients_per_round} b={plan.client_batch_size} "
-            f"B={plan.batch_size} steps={plan.total_steps} sync every {plan.sync_period}"
-            + (f" (resuming at step {trainer.step})" if trainer.step else ""),
-            file=sys.stderr,
+        resuming = f" (resuming at step {trainer.step})" if trainer.step else ""
+        log.info(
+            "run %s : N=%d M=%d b=%d B=%d steps=%d sync every %d%s",
+            directory,
+            plan.num_clients,
+            plan.clients_per_round,
+            plan.client_batch_size,
+            plan.batch_size,
+            plan.total_steps,
+            plan.sync_period,
+            resuming,
         )
-        if tracking:
-            # A resumed run continues its MLflow run (id kept next to its checkpoints).
-            run = stack.enter_context(
-                tracking.mlflow_run(
-                    cfg,
-                    f"pretrain-{directory.name}",
-                    run_id=tracking.read_run_id(directory),
-                    tags={"stage": "pretrain", "run_hash": directory.name},
-                )
-            )
-            tracking.write_run_id(directory, run.info.run_id)
-            state["run_id"] = run.info.run_id
         state["bar"] = _progress_bar(plan.total_steps, "pretrain")
         state["bar"].update(trainer.step)
 
     def on_step(row: dict[str, float]) -> None:
         bar = state["bar"]
         bar.update(1)
-        post = {"loss": f"{row['loss']:.3f}"}
         if "knn_top1" in row:
             state["knn"] = row["knn_top1"]
+        post = {"loss": f"{row['loss']:.3f}"}
         if "knn" in state:
             post["knn"] = f"{state['knn']:.1f}"
         bar.set_postfix(post, refresh=False)
-        if tracking and "epoch" in row:
-            tracking.log_row(row)
 
-    with ExitStack() as stack:
-        result = workflow.pretrain(cfg, on_step=on_step, on_start=on_start)
-        if "bar" in state:
-            state["bar"].close()
-        else:
-            print(f"run {result['run_dir']} already finished; nothing to do", file=sys.stderr)
-        if tracking and "run_id" in state:
-            tracking.log_pretrain_result(cfg, result)
-    if tracking:
-        result["mlflow_run_id"] = tracking.read_run_id(result["run_dir"])
+    result = workflow.pretrain(cfg, on_step=on_step, on_start=on_start, tracker=load_tracker(cfg))
+    if "bar" in state:
+        state["bar"].close()
     return {k: v for k, v in result.items() if k != "history"}
 
 
 def cmd_evaluate(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl import workflow
+    from mocosfl.tracking import load_tracker
 
-    result = workflow.evaluate(cfg, log=lambda s: print(s, file=sys.stderr))
-    tracking = _tracking(cfg)
-    if tracking:
-        result["mlflow_run_id"] = tracking.log_evaluation(cfg, result)
-    return result
+    return workflow.evaluate(cfg, tracker=load_tracker(cfg))
 
 
 def cmd_bench(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from mocosfl import bench, workflow
+    from mocosfl import bench
+    from mocosfl.io import write_json
 
-    clients = [int(c) for c in args.clients.split(",")] if args.clients else [cfg.partition.num_clients]
-    result = bench.bench(cfg, clients, log=lambda s: print(s, file=sys.stderr))
+    clients = args.clients or [cfg.partition.num_clients]
+    result = bench.bench(cfg, clients, log=log.info)
     plot = Path(cfg.metrics_dir) / "bench.png"
     bench.plot_bench(result["results"], plot)
-    workflow.write_json(Path(cfg.metrics_dir) / "bench.json", result)
-    print(f"plot: {plot}", file=sys.stderr)
+    write_json(Path(cfg.metrics_dir) / "bench.json", result)
+    log.info("plot: %s", plot)
     return result
 
 
@@ -195,48 +247,42 @@ def cmd_embed(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return workflow.embed(encoder, args.input, args.output, batch_size=cfg.evaluate.batch_size, device=cfg.device)
 
 
-def cmd_tune(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.tune import run_study
-
-    return run_study(cfg, log=lambda s: print(s, file=sys.stderr))
-
-
-def cmd_report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.report import make_report
-
-    return make_report(cfg)
+CORE_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
+    "prepare": cmd_prepare,
+    "partition": lambda cfg, args: cmd_partition(cfg),
+    "pretrain": cmd_pretrain,
+    "evaluate": cmd_evaluate,
+    "bench": cmd_bench,
+    "embed": cmd_embed,
+}
 
 
-def cmd_results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.results import default_suite, run_suite
+def load(args: argparse.Namespace) -> Any:
+    """The config of a parsed command line: params file, profile, --device, --set, $MOCOSFL_TRACKING."""
+    from mocosfl.config import load_config
 
-    return run_suite(cfg, args.suite or default_suite(cfg.profile), log=lambda s: print(s, file=sys.stderr, flush=True))
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.insert(0, f"device={args.device}")
+    if os.environ.get("MOCOSFL_TRACKING") == "0":
+        overrides.append("tracking.enabled=false")
+    return load_config(args.params, args.profile, overrides)
 
 
 def run(argv: list[str]) -> dict[str, Any]:
     """Run one command and return its result; user errors propagate (see ``main``)."""
     args = build_parser().parse_args(argv)
-    from mocosfl.config import load_config, to_yaml
-
-    cfg = load_config(args.params, args.profile, args.overrides)
+    cfg = load(args)
     if args.command == "config":
+        from mocosfl.config import to_yaml
+
         return {"config": to_yaml(cfg)}
-    from mocosfl import runtime, workflow
+    from mocosfl import runtime
 
     runtime.configure(cfg.pretrain.num_threads)
-
-    commands: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
-        "prepare": cmd_prepare,
-        "partition": lambda c, a: workflow.partition(c),
-        "pretrain": cmd_pretrain,
-        "evaluate": cmd_evaluate,
-        "bench": cmd_bench,
-        "embed": cmd_embed,
-        "tune": cmd_tune,
-        "report": cmd_report,
-        "results": cmd_results,
-    }
-    return commands[args.command](cfg, args)
+    if args.command in CORE_COMMANDS:
+        return CORE_COMMANDS[args.command](cfg, args)
+    return plugins()[args.command].load().run(cfg, args)  # type: ignore[no-any-return]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -246,16 +292,38 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mocosfl.data.prepare import DataError
     from mocosfl.sfl.trainer import TrainingDiverged
 
-    return (ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged)
+    return (CommandError, ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (test capture, Prefect's redirection)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prefix = "warning: " if record.levelno >= logging.WARNING else ""
+            sys.stderr.write(prefix + self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The library's log lines (logger ``mocosfl``) on stderr, once per process."""
+    root = logging.getLogger("mocosfl")
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        root.addHandler(_StderrHandler())
+    root.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    configure_logging()
     command = build_parser().parse_args(argv).command
     try:
         result = run(argv)
     except user_errors() as e:
-        print(f"mocosfl {command}: error: {e}", file=sys.stderr)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"mocosfl {command}: error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mocosfl {command}: interrupted; the last checkpoint is kept", file=sys.stderr)

@@ -56,3 +56,21 @@ def code_hash(package: Path = PACKAGE) -> str:
         h.update(path.relative_to(package).as_posix().encode() + b"\0")
         h.update(source_digest(path.read_text()).encode() + b"\n")
     return h.hexdigest()[:12]
+
+
+def git_commit(root: Path = PACKAGE.parent) -> str | None:
+    """The checkout's HEAD commit, ``<sha>-dirty`` when tracked files differ from it; None outside git."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("-dirty" if dirty else "")

@@ -1,15 +1,18 @@
 """The stages (prepare, partition, pretrain, evaluate, embed) as functions of a Config.
 
-This is the edge where the library meets files: it decides where things live,
-writes metrics JSON and checkpoints, and returns plain dicts. CLI, DVC and Prefect call it.
+This is where the library meets files: it decides where things live, writes metrics JSON and
+checkpoints, reports to the ``Tracker`` its caller passes in, and returns plain dicts. The CLI, DVC and
+Prefect call it; it calls none of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mocosfl import identity
+from mocosfl.checkpoints import load_latest_checkpoint, save_checkpoint
 from mocosfl.config import Config, config_hash
 from mocosfl.costs import peak_rss_mb
 from mocosfl.data.partition import (
@@ -30,22 +35,26 @@ from mocosfl.data.partition import (
 from mocosfl.data.prepare import DataError, PreparedData, load_prepared, prepare_dataset, prepared_path
 from mocosfl.eval.knn import extract_features, knn_top1
 from mocosfl.eval.linear import linear_probe
+from mocosfl.io import atomic_path, write_json, write_text
 from mocosfl.models.resnet import Encoder, build_split_model
-from mocosfl.sfl import clients as C
+from mocosfl.plotdata import write_plot_data
+from mocosfl.seeding import Stream, rng
 from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
+from mocosfl.tracking import NullTracker, Tracker, flatten
+
+__all__ = ["load_latest_checkpoint", "save_checkpoint", "write_json"]  # re-exported for older callers
+
+_log = logging.getLogger(__name__)
 
 PRETRAIN_SECTIONS = ("seed", "data", "partition", "model", "sfl", "moco", "pretrain")
 # What pretrain can train: MocoSFL and the baselines at the same plan (mocosfl/baselines/).
 METHODS = ("mocosfl", "central", "flmoco")
 ENCODER_FORMAT = "mocosfl-encoder-v1"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename) so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+# History rows' per-epoch metrics that go to the tracker (see TrainLoop.run).
+HISTORY_METRICS = ("loss_mean", "lr", "steps_per_s", "bytes_per_client", "knn_top1", "epoch")
+# The tracker's run id, kept next to the checkpoints so a resumed run continues its tracked run.
+RUN_ID_FILE = "tracking_run_id.txt"
+LEGACY_RUN_ID_FILE = "mlflow_run_id.txt"  # name before the tracker interface; still read
 
 
 def metrics_path(cfg: Config, name: str) -> Path:
@@ -59,10 +68,10 @@ def prepare(cfg: Config, progress: Callable[[int, int], None] | None = None) -> 
     return prepare_dataset(cfg.data.source, cfg.data.prepared_dir, cfg.data.image_size, progress=progress)
 
 
-def _subset(n: int, limit: int | None, seed: int, stream: int) -> np.ndarray:
+def _subset(n: int, limit: int | None, seed: int, stream: Stream) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
-    return np.sort(np.random.default_rng([seed, stream]).choice(n, limit, replace=False))
+    return np.sort(rng(seed, stream).choice(n, limit, replace=False))
 
 
 class Dataset:
@@ -71,8 +80,8 @@ class Dataset:
     def __init__(self, cfg: Config):
         self.prepared: PreparedData = load_prepared(cfg.data.source, cfg.data.prepared_dir, cfg.data.image_size)
         p = self.prepared
-        self.train_idx = _subset(len(p.train_y), cfg.data.train_limit, cfg.seed, 11)
-        self.test_idx = _subset(len(p.test_y), cfg.data.test_limit, cfg.seed, 12)
+        self.train_idx = _subset(len(p.train_y), cfg.data.train_limit, cfg.seed, Stream.TRAIN_SUBSET)
+        self.test_idx = _subset(len(p.test_y), cfg.data.test_limit, cfg.seed, Stream.TEST_SUBSET)
         self.train_y = np.asarray(p.train_y)[self.train_idx]
         self.test_y = np.asarray(p.test_y)[self.test_idx]
         self.num_classes = len(p.classes)
@@ -92,6 +101,7 @@ class Dataset:
         h.update(np.ascontiguousarray(self.train_y).tobytes())
         h.update(np.ascontiguousarray(self.test_y).tobytes())
         h.update(json.dumps([self.prepared.classes, list(self.prepared.train_x.shape)]).encode())
+        h.update(self.prepared.content_hash.encode())  # the pixels too: a changed source is other data
         return h.hexdigest()[:16]
 
 
@@ -146,86 +156,46 @@ def data_hash(ds: Dataset, shards_file: Path) -> str:
 
 
 def run_dir(cfg: Config, ds: Dataset, shards_file: Path, method: str = "mocosfl") -> Path:
-    """``runs/<hash>`` for MocoSFL, ``runs/<method>-<hash>`` for a baseline on the same config."""
-    h = config_hash(cfg, PRETRAIN_SECTIONS, data_hash(ds, shards_file))
+    """``runs/<hash>`` for MocoSFL, ``runs/<method>-<hash>`` for a baseline on the same config.
+
+    The hash covers the run's config sections, its data (``data_hash``) and the training code
+    (``identity.code_hash``): an edit that can change the numbers gives a new run, trained anew.
+    """
+    h = config_hash(cfg, PRETRAIN_SECTIONS, f"{data_hash(ds, shards_file)}:{identity.code_hash()}")
     return Path(cfg.pretrain.runs_dir) / (h if method == "mocosfl" else f"{method}-{h}")
 
 
-# Checkpoints. A trainer's state is one dict; entries named ``*_bank`` are O(N) per-client banks
-# (stateful momentum, unsynced targets: 6 GB at N=10,000, cut 5, width 64). They are streamed to their
-# own ``ckpt-<step>.<name>.npy`` files next to the small ``ckpt-<step>.pt`` and read back straight into
-# the trainer's bank, so neither saving nor resuming holds a second copy. The .pt file is written last
-# and is what makes a checkpoint exist; when its banks reach LARGE_CHECKPOINT_BYTES only the newest
-# checkpoint is kept, so the disk holds at most two while a new one is written.
-LARGE_CHECKPOINT_BYTES = 1 << 30
-BANK_SUFFIX = "_bank"
-
-
-def _checkpoints(directory: Path) -> list[Path]:
-    return sorted(directory.glob("ckpt-*.pt"))
-
-
-def _bank_files(ckpt: Path) -> list[Path]:
-    return sorted(ckpt.parent.glob(f"{ckpt.stem}.*.npy"))
-
-
-def _remove_checkpoint(ckpt: Path) -> None:
-    ckpt.unlink(missing_ok=True)  # first, so a half-removed checkpoint is never picked up
-    for f in _bank_files(ckpt):
-        f.unlink(missing_ok=True)
-
-
-def save_checkpoint(directory: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` atomically as ``ckpt-<step>.pt`` (+ one .npy per bank); keep the newest ``keep``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"ckpt-{state['step']:09d}.pt"
-    small = dict(state)
-    bank_bytes = 0
-    for name, value in state.items():
-        if name.endswith(BANK_SUFFIX) and isinstance(value, C.ClientStateBank):
-            bank = directory / f"{path.stem}.{name}.npy"
-            tmp = directory / f".{bank.name}.tmp-{os.getpid()}"
-            value.save(tmp)
-            os.replace(tmp, bank)
-            small[name] = {"npy": bank.name, "shape": list(value.flat.shape)}
-            bank_bytes += value.nbytes
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    torch.save(small, tmp)
-    os.replace(tmp, path)
-    if bank_bytes >= LARGE_CHECKPOINT_BYTES:
-        keep = 1
-    for old in _checkpoints(directory)[:-keep]:
-        _remove_checkpoint(old)
-    kept = {f.stem for f in _checkpoints(directory)}
-    for orphan in directory.glob("ckpt-*.*.npy"):  # banks of a save that was killed before its .pt
-        if orphan.name.split(".")[0] not in kept:
-            orphan.unlink(missing_ok=True)
-    return path
-
-
-def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """Newest readable checkpoint; an unreadable one is skipped with a warning, never deleted.
-
-    Bank entries come back as the Path of their .npy file, for ``ClientStateBank.load_``.
-    """
-    for path in reversed(_checkpoints(directory)):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for name, value in state.items():
-                if name.endswith(BANK_SUFFIX) and isinstance(value, dict):
-                    bank = directory / value["npy"]
-                    C.check_npy(bank, tuple(value["shape"]))  # present and complete
-                    state[name] = bank
-            return state
-        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
-            print(f"warning: skipping unreadable checkpoint {path}: {type(e).__name__}")
+def read_run_id(directory: str | Path) -> str | None:
+    """The tracker's run id recorded in a run directory (None when it was trained untracked)."""
+    for name in (RUN_ID_FILE, LEGACY_RUN_ID_FILE):
+        path = Path(directory) / name
+        if path.exists():
+            return path.read_text().strip() or None
     return None
+
+
+def write_run_id(directory: str | Path, run_id: str) -> None:
+    write_text(Path(directory) / RUN_ID_FILE, run_id + "\n")
+
+
+def provenance(ds: Dataset, shards_file: Path, directory: Path, method: str) -> dict[str, str]:
+    """Tags that describe exactly this run's inputs: its hash, code, data and (when known) git commit."""
+    tags = {
+        "method": method,
+        "run_hash": directory.name,
+        "code_hash": identity.code_hash(),
+        "data_hash": data_hash(ds, shards_file),
+    }
+    commit = identity.git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return tags
 
 
 def knn_data(cfg: Config, ds: Dataset) -> KnnData:
     pc = cfg.pretrain
-    bank = _subset(len(ds.train_idx), pc.knn_bank_size, cfg.seed, 13)
-    test = _subset(len(ds.test_idx), pc.knn_test_size, cfg.seed, 14)
+    bank = _subset(len(ds.train_idx), pc.knn_bank_size, cfg.seed, Stream.KNN_BANK)
+    test = _subset(len(ds.test_idx), pc.knn_test_size, cfg.seed, Stream.KNN_QUERIES)
     p = ds.prepared
     return KnnData(
         bank_x=np.asarray(p.train_x[ds.train_idx[bank]]),
@@ -285,17 +255,26 @@ def pretrain(
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[TrainLoop, Path], None] | None = None,
     method: str = "mocosfl",
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or skip when finished) the run of ``method`` keyed by this config and data."""
+    """Train (or resume, or skip when finished) the run of ``method`` keyed by this config, data and code.
+
+    ``tracker`` gets one run per training (continued on resume): the config as params, per-epoch
+    history metrics, final metrics, provenance tags, the metrics files and the encoder.
+    """
+    tracker = tracker or NullTracker()
     ds = Dataset(cfg)
     shards = load_partition(cfg, ds)
-    directory = run_dir(cfg, ds, shards_path(cfg), method)
+    shards_file = shards_path(cfg)
+    directory = run_dir(cfg, ds, shards_file, method)
     done = directory / "pretrain.json"
     if done.exists() and (directory / "encoder.pt").exists():
+        _log.info("run %s already finished; nothing to do", directory)
         result = json.loads(done.read_text())
         result["resumed_from_step"] = result["steps"]
         write_json(metrics_path(cfg, "pretrain.json"), result)
-        return result
+        write_plot_data(cfg.metrics_dir, result["history"])  # DVC deleted the plot files before this re-run
+        return result  # type: ignore[no-any-return]
 
     device = resolve_device(cfg.device)
     p = ds.prepared
@@ -306,35 +285,74 @@ def pretrain(
     start_step = trainer.step
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", cfg.to_dict())
-    if on_start:
-        on_start(trainer, directory)
-    wall0 = time.perf_counter()
+    tags = provenance(ds, shards_file, directory, method)
+
+    def step_hook(row: dict[str, float]) -> None:
+        if "epoch" in row:
+            tracker.log_metrics({k: row[k] for k in HISTORY_METRICS if k in row}, step=int(row["step"]))
+        if on_step:
+            on_step(row)
 
     def checkpoint(t: TrainLoop) -> None:
         save_checkpoint(directory, t.state_dict(), cfg.pretrain.keep_checkpoints)
 
-    trainer.run(on_step=on_step, on_checkpoint=checkpoint)
-    torch.save(encoder_payload(trainer), directory / ".encoder.pt.tmp")
-    os.replace(directory / ".encoder.pt.tmp", directory / "encoder.pt")
+    with tracker.run(
+        f"pretrain-{directory.name}",
+        resume_id=read_run_id(directory),
+        tags={"stage": "pretrain", **tags},
+        params=flatten(cfg.to_dict()),
+    ) as tracking_id:
+        if tracking_id:
+            write_run_id(directory, tracking_id)
+        if on_start:
+            on_start(trainer, directory)
+        wall0 = time.perf_counter()
+        trainer.run(on_step=step_hook, on_checkpoint=checkpoint)
+        with atomic_path(directory / "encoder.pt") as tmp:
+            torch.save(encoder_payload(trainer), tmp)
 
-    result = trainer.summary()
-    knn_rows = [r for r in trainer.history if "knn_top1" in r]
-    result.update(
-        run_dir=str(directory),
-        run_id=directory.name,
-        data_hash=data_hash(ds, shards_path(cfg)),
-        resumed_from_step=start_step,
-        wall_seconds_this_session=time.perf_counter() - wall0,
-        peak_rss_mb_this_session=peak_rss_mb(),
-        final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,
-        knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,
-        history=trainer.history,
-        profile=cfg.profile,
-        method=method,
-    )
-    write_json(done, result)
-    write_json(metrics_path(cfg, "pretrain.json"), result)
+        result = trainer.summary()
+        knn_rows = [r for r in trainer.history if "knn_top1" in r]
+        result.update(
+            run_dir=str(directory),
+            run_id=directory.name,
+            **{k: v for k, v in tags.items() if k not in ("method", "run_hash")},
+            tracking_run_id=tracking_id,
+            resumed_from_step=start_step,
+            wall_seconds_this_session=time.perf_counter() - wall0,
+            peak_rss_mb_this_session=peak_rss_mb(),
+            final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,
+            knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,
+            history=trainer.history,
+            profile=cfg.profile,
+            method=method,
+        )
+        write_json(done, result)
+        write_json(metrics_path(cfg, "pretrain.json"), result)
+        write_plot_data(cfg.metrics_dir, trainer.history)  # one CSV per curve, for `dvc plots`
+        _report_pretrain(tracker, cfg, result)
     return result
+
+
+def _report_pretrain(tracker: Tracker, cfg: Config, result: dict[str, Any]) -> None:
+    """Final metrics, the partition summary, heat map and metrics JSON, and the encoder."""
+    keys = (
+        "knn_top1",
+        "final_loss",
+        "train_seconds",
+        "knn_seconds",
+        "steps_per_s",
+        "images_seen",
+        "bytes_per_client",
+        "bytes_up_total",
+        "bytes_down_total",
+        "client_params",
+        "server_params",
+    )
+    tracker.log_metrics({f"final.{k}": float(result[k]) for k in keys if result.get(k) is not None})
+    for name in ("partition.json", "partition_heatmap.png", "pretrain.json"):
+        tracker.log_artifact(metrics_path(cfg, name), "metrics")
+    tracker.log_encoder(Path(result["run_dir"]), cfg.data.image_size)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -350,9 +368,13 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         path = path / "encoder.pt"
     if not path.exists():
         raise FileNotFoundError(f"no encoder at {path}: run `mocosfl pretrain` first")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path} is not a mocosfl encoder file ({first[:120]})") from None
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{path} is not a mocosfl encoder file")
+        raise DataError(f"{path} is not a mocosfl encoder file (no '{ENCODER_FORMAT}' payload)")
     m = payload["model"]
     client, server = build_split_model(m["width"], m["cut_layers"], m["proj_hidden_dim"], m["proj_dim"], m["gn_groups"])
     enc = Encoder(client, server.backbone)
@@ -362,8 +384,19 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     return enc.to(device).eval().requires_grad_(False)
 
 
-def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "mocosfl") -> dict[str, Any]:
-    """kNN and linear probe of the encoder ``method`` trained with this config (or of a random one)."""
+def evaluate(
+    cfg: Config,
+    log: Callable[[str], None] | None = None,
+    method: str = "mocosfl",
+    tracker: Tracker | None = None,
+) -> dict[str, Any]:
+    """kNN and linear probe of the encoder ``method`` trained with this config (or of a random one).
+
+    ``log`` receives progress lines (default: this module's logger). ``tracker`` gets one run linked to
+    the pretrain run it evaluated, and the numbers are also added to that pretrain run.
+    """
+    say = log or _log.info
+    tracker = tracker or NullTracker()
     ds = Dataset(cfg)
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # subnormals slow CPU convolutions ~10x
@@ -388,13 +421,13 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "moc
         device=device,
     )
     t0 = time.perf_counter()
-    log(f"extracting features of {len(ds.train_idx)} train + {len(ds.test_idx)} test images ...")
+    say(f"extracting features of {len(ds.train_idx)} train + {len(ds.test_idx)} test images ...")
     train_f = extract_features(enc, ds.train_x(), **kw)
     test_f = extract_features(enc, ds.test_x(), **kw)
     train_y = torch.from_numpy(ds.train_y).long()
     test_y = torch.from_numpy(ds.test_y).long()
     knn = knn_top1(train_f, train_y, test_f, test_y, ds.num_classes, e.knn_k, e.knn_temperature)
-    log(f"kNN top-1 {knn:.2f}%; training linear probe for {e.linear_epochs} epochs ...")
+    say(f"kNN top-1 {knn:.2f}%; training linear probe for {e.linear_epochs} epochs ...")
     probe = linear_probe(
         train_f,
         train_y,
@@ -407,7 +440,7 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "moc
         e.val_fraction,
         cfg.seed,
     )
-    result = {
+    result: dict[str, Any] = {
         "encoder": source,
         "knn_top1": knn,
         "linear_probe_top1": probe.test_top1,
@@ -422,6 +455,20 @@ def evaluate(cfg: Config, log: Callable[[str], None] = print, method: str = "moc
     }
     name = "eval.json" if cfg.evaluate.encoder == "trained" else "eval_random.json"
     write_json(metrics_path(cfg, name), result)
+
+    pretrain_run = read_run_id(source) if cfg.evaluate.encoder == "trained" else None
+    tags = {"stage": "evaluate", "encoder": cfg.evaluate.encoder, "code_hash": identity.code_hash()}
+    if pretrain_run:
+        tags["pretrain_run_id"] = pretrain_run
+    numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with tracker.run(f"evaluate-{cfg.evaluate.encoder}", tags=tags, params=flatten(cfg.to_dict())) as run_id:
+        tracker.log_metrics(numbers)
+        tracker.log_artifact(metrics_path(cfg, name), "metrics")
+    if pretrain_run:
+        keys = ("knn_top1", "linear_probe_top1", "linear_probe_top1_final_epoch")
+        tracker.add_to_run(pretrain_run, {f"eval.{k}": float(numbers[k]) for k in keys})
+    if run_id:
+        result["tracking_run_id"] = run_id
     return result
 
 
@@ -459,10 +506,8 @@ def embed(
         }
         del folder
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp_out, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp_out, out)
+    with atomic_path(out, suffix=".npz") as tmp_out:  # np.savez appends .npz to other names
+        np.savez(tmp_out, **arrays)  # type: ignore[arg-type]
     return {
         "output": str(out),
         "train": len(arrays["train_labels"]),

@@ -15,5 +15,7 @@ def configure(server: bool = False) -> None:
     os.environ.setdefault("PREFECT_UI_ENABLED", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # Prefect's UI and logs show what the library said (it logs to the `mocosfl` logger).
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mocosfl")
     if server:
         os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api")

@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-from mocosfl.config import Config
+from mocosfl import workflow
+from mocosfl.config import PATH_FIELDS, Config
+from mocosfl.io import atomic_path, write_text
 from pipelines import tracking
 
 CONFIG_SECTIONS = ("data", "partition", "model", "sfl", "moco", "pretrain")
@@ -84,9 +86,25 @@ def dataset_name(key: str) -> str:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def project_relative(path: str | Path, cfg: Config) -> str:
+    """``path`` relative to the project (the folder the report directory sits in), for the report's text:
+    a report pushed by DVC or copied to another machine names no absolute path of this one."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(cfg.report.out_dir).resolve().parent)).as_posix()
+
+
+def relative_paths(conf: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A run's config with its location keys (data.source, runs_dir, ...) made project-relative."""
+    out = json.loads(json.dumps(conf))
+    for key in PATH_FIELDS:
+        section, _, name = key.rpartition(".")
+        node = out.get(section) if section else out
+        if isinstance(node, dict) and isinstance(node.get(name), str) and Path(node[name]).is_absolute():
+            node[name] = project_relative(node[name], cfg)
+    return out
 
 
 def plot_curve(path: Path, xs: list[float], ys: list[float], ylabel: str, title: str) -> None:
@@ -103,9 +121,8 @@ def plot_curve(path: Path, xs: list[float], ys: list[float], ylabel: str, title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def write_plots(out_dir: Path, history: list[dict[str, float]], heatmap: Path) -> list[str]:
@@ -138,14 +155,14 @@ def _mb(x: Any) -> str:
 
 
 def mlflow_blocks(cfg: Config, run_dir: Path) -> list[Block]:
-    run_id = tracking.read_run_id(run_dir)
+    run_id = workflow.read_run_id(run_dir)
     if not tracking.enabled(cfg):
         return [
             "MLflow tracking was off for this report (tracking.enabled=false or MOCOSFL_TRACKING=0)"
             + (f"; the run directory records MLflow run {run_id}." if run_id else ".")
         ]
     if run_id is None:
-        return [f"No MLflow run recorded in {run_dir} (it was trained with tracking off)."]
+        return [f"No MLflow run recorded in {project_relative(run_dir, cfg)} (it was trained with tracking off)."]
     return [
         Link(f"MLflow pretrain run {run_id}", tracking.run_url(cfg, run_id)),
         f"Start the UI with `mlflow server --backend-store-uri {tracking.tracking_uri(cfg)}`.",
@@ -156,15 +173,18 @@ def build(cfg: Config, m: dict[str, Any], plots: list[str]) -> tuple[str, list[t
     """Title and sections of the report (no I/O beyond the MLflow lookup)."""
     part, pre, ev, rnd = m["partition"], m["pretrain"], m["eval"], m["eval_random"]
     run_dir = Path(pre["run_dir"])
-    conf = run_config(cfg, run_dir)
+    conf = relative_paths(run_config(cfg, run_dir), cfg)
     title = f"MocoSFL report: {dataset_name(part.get('dataset', ''))}, profile {pre.get('profile', cfg.profile)}"
 
     overview: list[Block] = [
         f"Dataset {dataset_name(part.get('dataset', ''))} (prepared as {part.get('dataset', 'n/a')}); "
-        f"run {run_dir.name} in {run_dir}; seed {conf.get('seed', cfg.seed)}.",
+        f"run {run_dir.name} in {project_relative(run_dir, cfg)}; seed {conf.get('seed', cfg.seed)}.",
     ]
     if ev.get("encoder") not in (None, str(run_dir)):
-        overview.append(f"Warning: eval.json evaluated {ev['encoder']}, not this run: run `mocosfl evaluate` again.")
+        overview.append(
+            f"Warning: eval.json evaluated {project_relative(ev['encoder'], cfg)}, not this run: "
+            "run `mocosfl evaluate` again."
+        )
 
     results = Table(["metric", "trained"] + (["random init", "gain (points)"] if rnd else []), [])
     for key, label in (
@@ -300,12 +320,6 @@ def to_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
     return "\n".join(parts)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def make_report(cfg: Config) -> dict[str, Any]:
     """Write report.md, report.html and the PNG plots into ``cfg.report.out_dir``; return their paths."""
     metrics_dir = Path(cfg.metrics_dir)
@@ -314,6 +328,6 @@ def make_report(cfg: Config) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(out, m["pretrain"].get("history", []), metrics_dir / "partition_heatmap.png")
     title, sections = build(cfg, m, plots)
-    _atomic_text(out / "report.md", to_markdown(title, sections))
-    _atomic_text(out / "report.html", to_html(title, sections))
+    write_text(out / "report.md", to_markdown(title, sections))
+    write_text(out / "report.html", to_html(title, sections))
     return {"report": str(out / "report.md"), "html": str(out / "report.html"), "plots": [str(out / p) for p in plots]}

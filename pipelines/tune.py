@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mocosfl import workflow
 from mocosfl.config import Config
+from mocosfl.io import write_json
 from mocosfl.sfl.trainer import TrainingDiverged
 from pipelines import tracking
 
@@ -317,11 +318,11 @@ def _write_results(
     result = {**summarize(cfg, study), **(extra or {})}
     best = result["best_params"]
     overrides = [f"sfl.sync_period={best['sync_period']}", f"moco.queue_size={best['queue_size']}"] if best else []
-    workflow.write_json(
+    write_json(
         out_dir / "best_params.json",
         {"overrides": overrides, "best_value": result["best_value"], "study_name": cfg.tune.study_name},
     )
     result["best_params_file"] = str(out_dir / "best_params.json")
     result["plots"] = [str(p) for p in _save_plots(study, out_dir, log)]
-    workflow.write_json(Path(cfg.metrics_dir) / "tune.json", result)
+    write_json(Path(cfg.metrics_dir) / "tune.json", result)
     return result

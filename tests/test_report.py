@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import PARAMS, cli_args
 
+from mocosfl import workflow
 from mocosfl.cli import main
 from pipelines import tracking
 
@@ -44,16 +45,17 @@ def test_report_from_real_chain(prepared: list[str], tmp_path: Path, monkeypatch
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<img src='loss.png'" in page and "http" not in page
     assert not list(out.glob(".*tmp*"))
+    assert str(tmp_path.parent) not in md and "/tmp/" not in md  # paths are relative to the project
 
     # With tracking on, the report links the pretrain run's MLflow page.
     run_dir = json.loads((_metrics_dir(prepared) / "pretrain.json").read_text())["run_dir"]
-    tracking.write_run_id(run_dir, "abc123")
+    workflow.write_run_id(run_dir, "abc123")
     monkeypatch.setattr(tracking, "enabled", lambda cfg: True)
     monkeypatch.setattr(tracking, "run_url", lambda cfg, run_id: f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}")
     try:
         assert main(cli_args("report", prepared + [f"report.out_dir={out}"])) == 0
     finally:
-        (Path(run_dir) / tracking.RUN_ID_FILE).unlink()
+        (Path(run_dir) / workflow.RUN_ID_FILE).unlink()
     assert "(http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in (out / "report.md").read_text()
 
 

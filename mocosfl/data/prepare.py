@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-FORMAT_VERSION = 1
+# 2: meta.json records the source's signature and the arrays' content hash (folders of version 1 are
+# decoded again once).
+FORMAT_VERSION = 2
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -30,6 +33,8 @@ _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 _PROGRESS_EVERY = 512  # callbacks per image would dominate the decode time of tiny images
 
 Progress = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -46,6 +51,7 @@ class PreparedData:
     mean: tuple[float, float, float]  # per-channel mean of train_x / 255
     std: tuple[float, float, float]
     path: Path  # the folder holding the arrays
+    content_hash: str = ""  # sha256 of the arrays' bytes, recorded by prepare: the data's identity
 
 
 @dataclass
@@ -72,6 +78,32 @@ def prepared_path(source: str | Path, prepared_dir: str | Path, image_size: int)
     return Path(prepared_dir) / f"{slug}-{int(image_size)}px-{digest}"
 
 
+def source_signature(src: Path) -> str:
+    """The source as it is on disk now: a file's size and mtime (ns); for a folder, every file's path,
+    size and mtime. A replaced archive or an edited folder at the same path gets a new signature."""
+    h = hashlib.sha256()
+    if src.is_dir():
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            st = path.stat()
+            h.update(f"{path.relative_to(src).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        st = src.stat()
+        h.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _same_source(meta: dict, src: Path) -> bool:
+    """Whether a prepared folder was decoded from ``src`` as it is now (True when src is gone: the
+    prepared arrays are all there is, e.g. after `dvc pull` on a machine without the archive)."""
+    if not src.exists():
+        return True
+    if "source_signature" in meta:
+        return bool(meta["source_signature"] == source_signature(src))
+    # Folders prepared before signatures were recorded: an archive's size and mtime still tell.
+    st = src.stat()
+    return src.is_file() and meta.get("source_size") == st.st_size and meta.get("source_mtime") == st.st_mtime
+
+
 def prepare_dataset(
     source: str | Path,
     prepared_dir: str | Path,
@@ -88,8 +120,11 @@ def prepare_dataset(
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     src = Path(source).expanduser()
     target = prepared_path(src, prepared_dir, image_size)
-    if not force and _read_meta(target) is not None:
-        return target
+    meta = _read_meta(target)
+    if not force and meta is not None:
+        if _same_source(meta, src):
+            return target
+        log.info("%s changed since it was prepared into %s; decoding it again", src, target)
     if not src.exists():
         raise DataError(f"{src}: dataset source not found (no such file or directory)")
 
@@ -98,6 +133,7 @@ def prepare_dataset(
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed run that had our pid
     try:
         tmp.mkdir()
+        signature = source_signature(src)  # before reading: a change while decoding shows up next time
         plan = _plan(src, image_size)
         counts, mean, std = _write_arrays(src, tmp, plan, image_size, progress)
         stat = src.stat()
@@ -107,6 +143,8 @@ def prepare_dataset(
             "source_kind": plan.kind,
             "source_size": stat.st_size,
             "source_mtime": stat.st_mtime,
+            "source_signature": signature,
+            "content_hash": _content_hash(tmp),
             "image_size": image_size,
             "classes": plan.classes,
             "counts": counts,
@@ -156,6 +194,7 @@ def load_prepared(source: str | Path, prepared_dir: str | Path, image_size: int)
         mean=tuple(float(v) for v in meta["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in meta["std"]),  # type: ignore[arg-type]
         path=target,
+        content_hash=str(meta.get("content_hash", "")),
     )
 
 
@@ -221,6 +260,17 @@ def _write_arrays(
     mean, std = _channel_stats(outs["train"])
     del outs  # close the memmaps before the folder is renamed
     return counts, mean, std
+
+
+def _content_hash(folder: Path) -> str:
+    """sha256 over the arrays' files (headers included), streamed: what was decoded, machine-independent."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        for part in ("x", "y"):
+            with open(folder / f"{split}_{part}.npy", "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:

@@ -1,0 +1,105 @@
+"""The sink that stages report to: metrics, artifacts, tags and a run id, whatever records them.
+
+The library never imports a tracker. A caller (the CLI, a Prefect task, a notebook) passes a
+``Tracker`` to the stages; ``NullTracker`` records nothing. The MLflow implementation lives in the
+MLOps edge (``pipelines/tracking.py``) and is found through the ``mocosfl.trackers`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "mocosfl.trackers"
+EXTRA = "pip install 'mocosfl[pipeline]'  (from a checkout: pip install '.[pipeline]')"
+
+
+class Tracker(Protocol):
+    """What a stage may report. Calls outside an open ``run`` are ignored by implementations."""
+
+    def run(
+        self,
+        name: str,
+        *,
+        resume_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> AbstractContextManager[str | None]:
+        """Open (or continue, given ``resume_id``) a run; yields its id (None when nothing records)."""
+        ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
+
+    def log_encoder(self, run_dir: Path, image_size: int) -> None:
+        """The trained encoder of ``run_dir`` as a loadable model, where the tracker supports it."""
+        ...
+
+    def add_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
+        """Metrics put on another (finished) run, e.g. evaluation numbers on their pretrain run."""
+        ...
+
+
+class NullTracker:
+    """Records nothing: the default, and what tracking.enabled=false gives."""
+
+    @contextmanager
+    def run(self, name: str, **_: Any) -> Iterator[str | None]:
+        yield None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def log_encoder(self, run_dir: Path, image_size: int) -> None:
+        pass
+
+    def add_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
+        pass
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config as run params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_tracker(cfg: Any, name: str = "mlflow") -> Tracker:
+    """The installed tracker ``name`` for this config, or a NullTracker (with one warning) when absent.
+
+    ``cfg.tracking.enabled`` false gives a NullTracker silently.
+    """
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    try:
+        if not found:
+            raise ImportError(f"no '{name}' tracker is registered")
+        factory = found[0].load()
+    except ImportError as e:
+        log.warning("tracking is off: %s (%s); or set tracking.enabled=false", _missing(e), EXTRA)
+        return NullTracker()
+    return factory(cfg)  # type: ignore[no-any-return]
+
+
+def _missing(e: ImportError) -> str:
+    return f"{e.name} is not installed" if getattr(e, "name", None) else str(e)
