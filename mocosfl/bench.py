@@ -7,11 +7,13 @@ Each client count runs in a fresh process, so its peak RSS is its own.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,11 @@ from mocosfl.config import Config
 from mocosfl.costs import count_flops, peak_rss_mb
 from mocosfl.data.augment import MocoV2Augment
 from mocosfl.data.partition import partition_indices
-from mocosfl.sfl.trainer import MocoSFLTrainer, _torch_gen, resolve_device
+from mocosfl.io import atomic_path
+from mocosfl.seeding import Stream, torch_generator
+from mocosfl.sfl.trainer import MocoSFLTrainer, resolve_device
+
+logger = logging.getLogger(__name__)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -58,79 +64,92 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@dataclass
+class Timings:
+    """Seconds per step of each side after the warm-up, of each sync, and of the very first steps."""
+
+    sim: list[float] = field(default_factory=list)
+    central: list[float] = field(default_factory=list)
+    sync: list[float] = field(default_factory=list)
+    first_sim: float = 0.0
+    first_central: float = 0.0
+
+
+def interleaved_steps(sim: MocoSFLTrainer, central_step: Callable[[], None], steps: int, warmup: int) -> Timings:
+    """``steps`` steps of each, alternating which goes first so neither always inherits the other's
+    cache and clock state; the first ``warmup`` are not kept (the very first is reported apart)."""
+    out = Timings()
+    for s in range(steps):
+        if s % 2 == 0:
+            dt, dc = _timed(sim.advance), _timed(central_step)
+        else:
+            dc = _timed(central_step)
+            dt = _timed(sim.advance)
+        if s == 0:
+            out.first_sim, out.first_central = dt, dc
+        if s >= warmup:
+            out.sim.append(dt)
+            out.central.append(dc)
+            if not sim.round_open:  # the step ended with a sync
+                out.sync.append(sim.last_sync_seconds)
+    return out
+
+
+def augment_seconds(cfg: Config, images: np.ndarray, batch: int, mean: RGB, std: RGB, device: torch.device) -> float:
+    """Median time to make both augmented views of one batch (5 tries)."""
+    aug = MocoV2Augment(cfg.data.image_size, mean, std)
+    batch_imgs = torch.from_numpy(np.array(images[:batch])).to(device)
+    seconds = []
+    for i in range(5):
+        t = time.perf_counter()
+        aug.two_views(batch_imgs, torch_generator(cfg.seed, Stream.BENCH_AUGMENT, i))
+        seconds.append(time.perf_counter() - t)
+    return _median(seconds)
+
+
+def bench_one(cfg: Config, n: int, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Interleaved sim/central steps at N clients; one row of the bench table."""
     device = resolve_device(cfg.device)
     images, labels, mean, std = bench_data(cfg, n, log)
     run_cfg = cfg.replace(**{"partition.num_clients": n})
+    pc = cfg.partition
     shards = partition_indices(
-        labels,
-        cfg.partition.method,
-        n,
-        cfg.seed,
-        shards_per_client=cfg.partition.shards_per_client,
-        alpha=cfg.partition.dirichlet_alpha,
+        labels, pc.method, n, cfg.seed, shards_per_client=pc.shards_per_client, alpha=pc.dirichlet_alpha
     )
     steps = cfg.bench.warmup + cfg.bench.steps + 1  # +1: the step whose FLOPs are counted
     t0 = time.perf_counter()
     sim = MocoSFLTrainer(run_cfg.replace(**{"pretrain.steps": steps}), images, shards, mean, std, None, device)
     setup_s = time.perf_counter() - t0
-    batch = sim.plan.batch_size
-    central = CentralMoco(run_cfg, mean, std, batch, steps, device)
+    plan = sim.plan
+    central = CentralMoco(run_cfg, mean, std, plan.batch_size, steps, device)
     rng = np.random.default_rng(cfg.seed)
 
     def central_step() -> None:
-        central.train_step(images[rng.choice(len(images), batch, replace=False)])
+        central.train_step(images[rng.choice(len(images), plan.batch_size, replace=False)])
 
-    sim_t, central_t, sync_t, first = [], [], [], [0.0, 0.0]
     log(
-        f"N={n}: M={sim.plan.clients_per_round}, b={sim.plan.client_batch_size}, B={batch}, "
+        f"N={n}: M={plan.clients_per_round}, b={plan.client_batch_size}, B={plan.batch_size}, "
         f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}"
     )
-
-    def timed(fn: Callable[[], Any]) -> float:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    for s in range(steps - 1):
-        # Alternate which goes first, so neither always inherits the other's cache and clock state.
-        if s % 2 == 0:
-            dt = timed(sim.advance)
-            dc = timed(central_step)
-        else:
-            dc = timed(central_step)
-            dt = timed(sim.advance)
-        synced = sim.round_ids is None
-        if s == 0:
-            first = [dt, dc]
-        if s >= cfg.bench.warmup:
-            sim_t.append(dt)
-            central_t.append(dc)
-            if synced:
-                sync_t.append(sim.last_sync_seconds)
+    times = interleaved_steps(sim, central_step, steps - 1, cfg.bench.warmup)
     sim_flops = count_flops(sim.advance)
     central_flops = count_flops(central_step)
     # Time a sync on its own too, so it is reported even when no round ended in the window.
-    if sim.round_ids is None:
-        sim.begin_round(sim.step // sim.plan.sync_period)
-    t = time.perf_counter()
-    sim.end_round()
-    sync_t.append(time.perf_counter() - t)
+    times.sync.append(sim.sync_now())
+    aug_s = augment_seconds(cfg, images, plan.batch_size, mean, std, device)
 
-    aug = MocoV2Augment(cfg.data.image_size, mean, std)
-    batch_imgs = torch.from_numpy(np.array(images[:batch])).to(device)
-    aug_t = []
-    for i in range(5):
-        t = time.perf_counter()
-        aug.two_views(batch_imgs, _torch_gen(cfg.seed, 99, i))
-        aug_t.append(time.perf_counter() - t)
-    sim_s, central_s = _median(sim_t), _median(central_t)
+    sim_s, central_s = _median(times.sim), _median(times.central)
     row = {
         "num_clients": n,
-        "clients_per_round": sim.plan.clients_per_round,
-        "client_batch_size": sim.plan.client_batch_size,
-        "batch_size": batch,
+        "clients_per_round": plan.clients_per_round,
+        "client_batch_size": plan.client_batch_size,
+        "batch_size": plan.batch_size,
         "width": cfg.model.width,
         "cut_layers": cfg.model.cut_layers,
         "stateful_clients": cfg.sfl.stateful_clients,
@@ -140,16 +159,16 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
         "central_step_s": central_s,
         "ratio": sim_s / central_s,
         "peak_rss_mb": peak_rss_mb(),
-        "sync_ms": 1000 * _median(sync_t),
+        "sync_ms": 1000 * _median(times.sync),
         "client_setup_s": setup_s,
         # The first step pays for one-off work (oneDNN primitives, torch.compile); reported apart.
-        "first_step_s": first[0],
-        "central_first_step_s": first[1],
+        "first_step_s": times.first_sim,
+        "central_first_step_s": times.first_central,
         "gflop_per_step": sim_flops / 1e9,
         "gflops": sim_flops / 1e9 / sim_s,
         "central_gflops": central_flops / 1e9 / central_s,
-        "train_images_per_s": batch / sim_s,
-        "augment_images_per_s": batch / _median(aug_t),
+        "train_images_per_s": plan.batch_size / sim_s,
+        "augment_images_per_s": plan.batch_size / aug_s,
     }
     log(
         f"  sim {sim_s * 1000:.1f} ms/step, central {central_s * 1000:.1f} ms/step, ratio {row['ratio']:.3f}, "
@@ -159,12 +178,17 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = print) -> dict[s
 
 
 def _child(cfg: Config, n: int) -> dict[str, Any]:
-    runtime.configure(cfg.pretrain.num_threads)  # a spawned process starts with the defaults
-    return bench_one(cfg, n, log=lambda s: print(s, file=sys.stderr, flush=True))
+    # A spawned process starts with the defaults: no log handler, default thread settings.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    runtime.configure(cfg.pretrain.num_threads)
+    return bench_one(cfg, n)
 
 
-def bench(cfg: Config, clients: list[int], log: Callable[[str], None] = print, isolate: bool = True) -> dict[str, Any]:
-    """One row per client count; ``isolate`` runs each in its own process (honest peak RSS)."""
+def bench(
+    cfg: Config, clients: list[int], log: Callable[[str], None] = logger.info, isolate: bool = True
+) -> dict[str, Any]:
+    """One row per client count; ``isolate`` runs each in its own process (honest peak RSS), which logs
+    its progress to its stderr."""
     results = []
     for n in clients:
         if isolate:
@@ -177,8 +201,6 @@ def bench(cfg: Config, clients: list[int], log: Callable[[str], None] = print, i
 
 def plot_bench(results: list[dict[str, Any]], path: Path) -> None:
     """Step time (sim vs central) and peak RSS against the number of clients."""
-    import os
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -195,7 +217,5 @@ def plot_bench(results: list[dict[str, Any]], path: Path) -> None:
     ax2.set(xscale="log", xlabel="clients N", ylabel="peak RSS (GB)", title="memory vs N")
     ax2.set_ylim(bottom=0)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)

@@ -167,7 +167,7 @@ def test_flmoco_same_images_and_participants_as_mocosfl() -> None:
     fl.begin_round(0)
     sfl.begin_round(0)
     assert torch.equal(fl.round_ids, sfl.round_ids)
-    assert np.array_equal(np.concatenate(fl._data), np.concatenate(sfl._data))
+    assert np.array_equal(np.concatenate(fl.order), np.concatenate(sfl.order))
     assert fl.plan == sfl.plan and fl.summary()["images_seen"] == 0
 
 

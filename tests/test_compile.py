@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mocosfl.models.resnet import build_split_model
-from mocosfl.sfl.trainer import AUTO_COMPILE_MIN_STEPS, maybe_compile, moco_loss
+from mocosfl.sfl.loop import AUTO_COMPILE_MIN_STEPS, maybe_compile
+from mocosfl.sfl.server import moco_loss
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests for mocosfl.sfl.server (InfoNCE, key queues, EMA) and trainer.moco_loss/moco_backward, by hand."""
+"""Tests for mocosfl.sfl.server (InfoNCE, moco_loss/moco_backward, key queues, EMA), by hand."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mocosfl.sfl.server import KeyQueue, PerClientQueue, ema_update_module, info_nce
-from mocosfl.sfl.trainer import moco_backward, moco_loss
+from mocosfl.sfl.server import (
+    KeyQueue,
+    PerClientQueue,
+    ema_update_module,
+    info_nce,
+    local_queue_size,
+    moco_backward,
+    moco_loss,
+)
 
 T = 0.1
 
@@ -71,6 +78,10 @@ def test_info_nce_limits() -> None:
 
 
 # ---------------------------------------------------------------- shared queue
+
+
+def test_local_queue_size_splits_the_budget_and_keeps_one_key() -> None:
+    assert [local_queue_size(128, m) for m in (1, 4, 5, 128, 200)] == [128, 32, 25, 1, 1]
 
 
 def test_key_queue_init_is_unit_norm_and_seeded() -> None:

@@ -7,7 +7,6 @@ is one step; ``CentralTrainer`` runs it for a MocoSFL plan's steps at its batch 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any
 
@@ -17,16 +16,9 @@ import torch
 from mocosfl.config import Config
 from mocosfl.data.augment import MocoV2Augment
 from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
-from mocosfl.sfl.server import KeyQueue, ema_update_module
-from mocosfl.sfl.trainer import (
-    TrainingDiverged,
-    TrainLoop,
-    _rng,
-    _torch_gen,
-    cosine_lr,
-    maybe_compile,
-    moco_backward,
-)
+from mocosfl.seeding import Stream, rng, torch_generator
+from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr, maybe_compile
+from mocosfl.sfl.server import KeyQueue, ema_update_module, moco_backward
 
 
 class CentralMoco:
@@ -58,7 +50,9 @@ class CentralMoco:
             momentum=cfg.pretrain.momentum,
             weight_decay=cfg.pretrain.weight_decay,
         )
-        self.queue = KeyQueue(cfg.moco.queue_size, m.proj_dim, _torch_gen(cfg.seed, 7), self.device)
+        self.queue = KeyQueue(
+            cfg.moco.queue_size, m.proj_dim, torch_generator(cfg.seed, Stream.QUEUE_INIT), self.device
+        )
         self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
         self.step = 0
 
@@ -66,7 +60,7 @@ class CentralMoco:
         """One step on uint8 images [B, H, W, 3]."""
         cfg = self.cfg
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        view1, view2 = self.augment.two_views(x, _torch_gen(cfg.seed, 3, self.step))
+        view1, view2 = self.augment.two_views(x, torch_generator(cfg.seed, Stream.AUGMENT, self.step))
         lr = cosine_lr(cfg.pretrain.lr, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -101,18 +95,14 @@ class CentralTrainer(TrainLoop):
         out = np.empty(batch, dtype=np.int64)
         for e in np.unique(epoch):
             sel = epoch == e
-            out[sel] = self.pool[_rng(self.cfg.seed, 5, int(e)).permutation(n)[within[sel]]]
+            out[sel] = self.pool[rng(self.cfg.seed, Stream.CENTRAL_EPOCH, int(e)).permutation(n)[within[sel]]]
         return out
 
     def advance(self) -> float:
         t0 = time.perf_counter()
         self.moco.step = self.step
         loss = self.moco.train_step(self.train_x[self.batch_indices(self.step)])
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss} at step {self.step}; the last good checkpoint is kept — "
-                "lower pretrain.lr or check the data"
-            )
+        check_finite(loss, self.step)
         self.step += 1
         self.train_seconds += time.perf_counter() - t0
         return loss
@@ -123,46 +113,25 @@ class CentralTrainer(TrainLoop):
         return enc.eval()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
+        return super().state_dict() | {
             "model": self.moco.model.state_dict(),
             "target": self.moco.target.state_dict(),
             "optimizer": self.moco.optimizer.state_dict(),
             "queue": self.moco.queue.state(),
-            "train_seconds": self.train_seconds,
-            "knn_seconds": self.knn_seconds,
-            "history": self.history,
-            "window_losses": self.window_losses,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+        super().load_state_dict(state)
         self.moco.model.load_state_dict(state["model"])
         self.moco.target.load_state_dict(state["target"])
         self.moco.optimizer.load_state_dict(state["optimizer"])
         self.moco.queue.load(state["queue"])
-        self.train_seconds = float(state["train_seconds"])
-        self.knn_seconds = float(state["knn_seconds"])
-        self.history = list(state["history"])
-        self.window_losses = list(state["window_losses"])
 
     def summary(self) -> dict[str, Any]:
-        plan = self.plan
-        return {
-            "steps": self.step,
-            "total_steps": plan.total_steps,
-            "epochs": self.step / plan.steps_per_epoch,
-            "images_seen": self.step * plan.batch_size,
-            "num_clients": plan.num_clients,  # of the MocoSFL plan whose budget this run matches
-            "batch_size": plan.batch_size,
+        # num_clients and batch_size are the MocoSFL plan's whose budget this run matches.
+        return super().summary() | {
             "sync_period": None,
             "client_params": None,
             "server_params": count_params(self.moco.model),
-            "bytes_up_total": 0,
-            "bytes_down_total": 0,
             "bytes_per_client": None,
-            "train_seconds": self.train_seconds,
-            "knn_seconds": self.knn_seconds,
-            "knn_overhead": self.knn_seconds / self.train_seconds if self.train_seconds else 0.0,
-            "steps_per_s": self.step / self.train_seconds if self.train_seconds else 0.0,
         }
