@@ -8,6 +8,7 @@ lock records what Prefect produced and `dvc status` stays clean afterwards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,6 +20,9 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 ROOT = Path(__file__).resolve().parents[1]
+# The library logs progress at INFO on the `mocosfl` logger; Prefect attaches its handlers to it
+# (PREFECT_LOGGING_EXTRA_LOGGERS, set in pipelines.env) but leaves the level to us.
+logging.getLogger("mocosfl").setLevel(logging.INFO)
 PARAMS = ROOT / "params.yaml"
 JOBS = {
     "pretrain": ["prepare", "partition", "pretrain", "evaluate"],

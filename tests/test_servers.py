@@ -140,3 +140,19 @@ def test_prefect_deployment_run_pretrain(prepared: list[str], tmp_path: Path) ->
     runs = mlflow.search_runs(experiment_names=["mocosfl"], output_format="list")
     stages = sorted(r.data.tags.get("stage", "") for r in runs)
     assert "pretrain" in stages and "evaluate" in stages, stages
+    # Provenance describes this run: its own code and data hashes, the checkout's commit, no DVC md5s
+    # (DVC did not produce its inputs).
+    from mocosfl.identity import code_hash, git_commit
+
+    pretrain_run = next(r for r in runs if r.data.tags.get("stage") == "pretrain")
+    tags = pretrain_run.data.tags
+    result = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert tags["code_hash"] == code_hash() == result["code_hash"]
+    assert tags["data_hash"] == result["data_hash"] and tags["run_hash"] == result["run_id"]
+    assert tags.get("git_commit") == git_commit()
+    assert not [k for k in tags if k.startswith("dvc.")]
+    evaluation = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+    assert evaluation.data.tags["pretrain_run_id"] == pretrain_run.info.run_id
+    assert "eval.linear_probe_top1" in mlflow.get_run(pretrain_run.info.run_id).data.metrics
+    # The library's log lines reach Prefect (PREFECT_LOGGING_EXTRA_LOGGERS=mocosfl).
+    assert "extracting features" in log, log[-3000:]
