@@ -54,9 +54,13 @@ clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow
 	rm -rf data runs metrics tune
 	find reports -mindepth 1 ! -name 'results-cpu*' -delete 2>/dev/null || true
 
-# DVC: stages in dvc.yaml, state and telemetry kept inside the project.
+# DVC: stages in dvc.yaml, state and telemetry kept inside the project. The stages call scripts/mocosfl,
+# which finds the workspace's .venv (or $MOCOSFL_VENV) also from `dvc exp run --temp/--queue` copies;
+# `dvc queue start` starts its worker as `dvc` from PATH, so run dvc by hand with the venv's bin first:
+#   PATH=$PWD/.venv/bin:$PATH dvc exp run --queue -S pretrain.lr=0.03 && PATH=$PWD/.venv/bin:$PATH dvc queue start
 .PHONY: repro push pull
-DVC := DVC_NO_ANALYTICS=1 DVC_SITE_CACHE_DIR=$(CURDIR)/.dvc/tmp/site-cache $(VENV)/bin/dvc
+DVC := PATH=$(abspath $(VENV))/bin:$$PATH MOCOSFL_VENV=$(abspath $(VENV)) DVC_NO_ANALYTICS=1 \
+	DVC_SITE_CACHE_DIR=$(CURDIR)/.dvc/tmp/site-cache $(VENV)/bin/dvc
 
 repro: setup  ## dvc repro: re-run the dvc.yaml stages whose inputs changed (params.yaml's profile)
 	$(DVC) repro

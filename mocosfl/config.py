@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -426,8 +427,25 @@ def load_config(
     for key in _PATH_FIELDS:
         value = get_dotted(raw, key)
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            _set_dotted(raw, key, str((root / value).resolve()))
+            _set_dotted(raw, key, _resolve_relative(root, value))
     return from_dict(raw)
+
+
+def _resolve_relative(root: Path, value: str) -> str:
+    """The absolute path of ``value``, relative to ``root`` (params.yaml's folder).
+
+    `dvc exp run --temp/--queue` runs the stages in a copy of the repository's files at
+    <repo>/.dvc/tmp/exps/[standalone/]<tmpdir>/, where the workspace's siblings (data.source's
+    ../shared/...) do not exist: a path that leaves that copy names what it names from <repo>.
+    """
+    workspace, marker, inside = str(root).partition(f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}")
+    if marker:
+        parts = Path(inside).parts
+        depth = 2 if parts[0] == "standalone" else 1
+        copy = Path(workspace + marker, *parts[:depth])
+        if not Path(os.path.normpath(root / value)).is_relative_to(copy):
+            root = Path(workspace, *parts[depth:])
+    return str((root / value).resolve())
 
 
 def config_hash(cfg: Config, sections: tuple[str, ...], extra: str = "") -> str:
