@@ -186,7 +186,7 @@ PATH_KEYS = {
     "pretrain.keep_checkpoints",
     "pretrain.compile",
 }
-_PATH_FIELDS = {
+PATH_FIELDS = {
     "data.source",
     "data.prepared_dir",
     "partition.out_dir",
@@ -424,26 +424,33 @@ def load_config(
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
     root = path.resolve().parent
-    for key in _PATH_FIELDS:
+    for key in PATH_FIELDS:
         value = get_dotted(raw, key)
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            _set_dotted(raw, key, _resolve_relative(root, value))
+            _set_dotted(raw, key, _resolve_relative(root, value, shared=key in SHARED_STORES))
     return from_dict(raw)
 
 
-def _resolve_relative(root: Path, value: str) -> str:
+# Stores every run of the project writes to, experiments included: in a DVC experiment's copy they
+# are the workspace's, so `dvc exp run` logs to the same MLflow store and Optuna study.
+SHARED_STORES = {"tracking.db", "tune.storage"}
+_EXPS = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+
+
+def _resolve_relative(root: Path, value: str, shared: bool = False) -> str:
     """The absolute path of ``value``, relative to ``root`` (params.yaml's folder).
 
     `dvc exp run --temp/--queue` runs the stages in a copy of the repository's files at
     <repo>/.dvc/tmp/exps/[standalone/]<tmpdir>/, where the workspace's siblings (data.source's
-    ../shared/...) do not exist: a path that leaves that copy names what it names from <repo>.
+    ../shared/...) do not exist: a path that leaves that copy names what it names from <repo>, and a
+    ``shared`` store is always <repo>'s.
     """
-    workspace, marker, inside = str(root).partition(f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}")
+    workspace, marker, inside = str(root).partition(_EXPS)
     if marker:
         parts = Path(inside).parts
         depth = 2 if parts[0] == "standalone" else 1
         copy = Path(workspace + marker, *parts[:depth])
-        if not Path(os.path.normpath(root / value)).is_relative_to(copy):
+        if shared or not Path(os.path.normpath(root / value)).is_relative_to(copy):
             root = Path(workspace, *parts[depth:])
     return str((root / value).resolve())
 

@@ -286,3 +286,17 @@ def test_on_off_literals_survive_yaml_booleans() -> None:
 
     assert Config().replace(**{"pretrain.compile": False}).pretrain.compile == "off"
     assert Config().replace(**{"pretrain.compile": True}).pretrain.compile == "on"
+
+
+@pytest.mark.parametrize("copy", ["standalone/tmp1a2b", "tmp1a2b"])
+def test_paths_in_a_dvc_experiment_copy(copy: str) -> None:
+    """In `dvc exp run`'s copy, paths leaving the copy and the shared stores resolve from the workspace."""
+    from mocosfl.config import _resolve_relative
+
+    ws = Path("/work/proj")
+    root = ws / ".dvc/tmp/exps" / copy
+    assert _resolve_relative(root, "runs") == str(root / "runs")  # the experiment's own outputs
+    assert _resolve_relative(root, "../shared/data/a.tar.gz") == "/work/shared/data/a.tar.gz"
+    assert _resolve_relative(root, "mlflow.db", shared=True) == str(ws / "mlflow.db")
+    assert _resolve_relative(ws, "mlflow.db", shared=True) == str(ws / "mlflow.db")  # the workspace itself
+    assert _resolve_relative(ws, "../shared/x") == "/work/shared/x"

@@ -136,6 +136,21 @@ def test_dvc_repro_status_and_push_pull(repo: Path) -> None:
     assert _ran(dvc("repro")) == {"pretrain", "evaluate", "report"}
     assert "Data and pipelines are up to date" in dvc("status")
 
+    # An edit of the training code that changes the numbers: DVC re-runs pretrain and it trains anew
+    # (a new run id) instead of answering "already finished"; the old run stays for whoever needs it.
+    before = json.loads((repo / "metrics/pretrain.json").read_text())
+    server = repo / "mocosfl/sfl/server.py"
+    code = server.read_text()
+    assert "/ temperature" in code
+    server.write_text(code.replace("/ temperature", "/ (0.9 * temperature)", 1))
+    retrained = dvc("repro")
+    assert _ran(retrained) == {"pretrain", "evaluate", "report"} and "already finished" not in retrained
+    after = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert after["run_id"] != before["run_id"] and after["code_hash"] != before["code_hash"]
+    assert after["resumed_from_step"] == 0 and after["final_loss"] != before["final_loss"]
+    server.write_text(code)
+    assert "already finished" in dvc("repro")  # back to the old code: its finished run is reused
+
     # Push to the default local remote (.dvcstore/), lose every output and the cache, pull them back.
     dvc("push")
     assert (repo / ".dvcstore").is_dir()
