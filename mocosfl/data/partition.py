@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import operator
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mocosfl.io import atomic_path
 
 METHODS = ("noniid-shards", "dirichlet", "iid")
 
@@ -213,12 +213,6 @@ def partition_summary(labels: np.ndarray, shards: list[np.ndarray], num_classes:
     }
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    # Temp file in the destination directory so os.replace is an atomic rename on the same filesystem.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def plot_class_heatmap(counts: np.ndarray, class_names: list[str], path: Path, max_clients: int = 200) -> None:
     """Write a PNG heat map of class counts per client (rows: clients, columns: classes)."""
     # Figure + Agg canvas directly, not pyplot: no global backend switch and no figure leaks.
@@ -246,14 +240,8 @@ def plot_class_heatmap(counts: np.ndarray, class_names: list[str], path: Path, m
     fig.colorbar(image, ax=ax, label="samples")
     fig.tight_layout()
 
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def save_shards(shards: list[np.ndarray], path: Path, meta: dict) -> None:
@@ -263,15 +251,9 @@ def save_shards(shards: list[np.ndarray], path: Path, meta: dict) -> None:
     sizes = np.array([len(s) for s in shards], dtype=np.int64)
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(sizes)])
     indices = np.concatenate([np.asarray(s, dtype=np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # Passing a file object stops numpy from appending ".npz" to the temp name.
-            np.savez(fh, indices=indices, offsets=offsets, meta=np.array(meta_json))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # A file object stops numpy from appending ".npz" to the temp name.
+        np.savez(fh, indices=indices, offsets=offsets, meta=np.array(meta_json))
 
 
 def load_shards(path: Path) -> tuple[list[np.ndarray], dict]:
