@@ -154,6 +154,14 @@ def _mb(x: Any) -> str:
     return "n/a" if x is None else f"{x / 1e6:,.1f} MB"
 
 
+def ui_hint(cfg: Config) -> str:
+    """How to open the MLflow UI, naming the project's own store relative to the project."""
+    uri = tracking.tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return f"Start the UI with `make ui` (store: {project_relative(uri.removeprefix('sqlite:///'), cfg)})."
+    return f"Start the UI with `mlflow server --backend-store-uri {uri}`."
+
+
 def mlflow_blocks(cfg: Config, run_dir: Path) -> list[Block]:
     run_id = workflow.read_run_id(run_dir)
     if not tracking.enabled(cfg):
@@ -165,7 +173,7 @@ def mlflow_blocks(cfg: Config, run_dir: Path) -> list[Block]:
         return [f"No MLflow run recorded in {project_relative(run_dir, cfg)} (it was trained with tracking off)."]
     return [
         Link(f"MLflow pretrain run {run_id}", tracking.run_url(cfg, run_id)),
-        f"Start the UI with `mlflow server --backend-store-uri {tracking.tracking_uri(cfg)}`.",
+        ui_hint(cfg),
     ]
 
 

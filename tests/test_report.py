@@ -56,7 +56,8 @@ def test_report_from_real_chain(prepared: list[str], tmp_path: Path, monkeypatch
         assert main(cli_args("report", prepared + [f"report.out_dir={out}"])) == 0
     finally:
         (Path(run_dir) / workflow.RUN_ID_FILE).unlink()
-    assert "(http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in (out / "report.md").read_text()
+    linked = (out / "report.md").read_text()
+    assert "(http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in linked and "/tmp/" not in linked
 
 
 def test_report_without_metrics_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
