@@ -135,7 +135,7 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = logger.info) -> 
 
     log(
         f"N={n}: M={plan.clients_per_round}, b={plan.client_batch_size}, B={plan.batch_size}, "
-        f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}"
+        f"{steps - 1} steps each (interleaved), compile={cfg.pretrain.compile}, precision={sim.precision}"
     )
     times = interleaved_steps(sim, central_step, steps - 1, cfg.bench.warmup)
     sim_flops = count_flops(sim.advance)
@@ -154,6 +154,7 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = logger.info) -> 
         "cut_layers": cfg.model.cut_layers,
         "stateful_clients": cfg.sfl.stateful_clients,
         "compile": cfg.pretrain.compile,
+        "precision": sim.precision,  # resolved: fp32 or bf16 (server forward passes; both methods)
         "threads": torch.get_num_threads(),
         "sim_step_s": sim_s,
         "central_step_s": central_s,

@@ -94,6 +94,9 @@ class PretrainConfig:
     num_threads: int | None = None
     # torch.compile the server model: auto = only for runs long enough to repay the compile time.
     compile: Literal["auto", "on", "off"] = "auto"
+    # Server forward passes in fp32 or under bf16 autocast; auto = bf16 where the hardware has native
+    # bf16 (mocosfl/precision.py). Run ids hash the resolved choice, not "auto".
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,8 @@ class Config:
         return from_dict(raw)
 
 
-# Keys that name where things live, not what is computed: left out of run hashes.
+# Keys that name where things live or how fast to run, or that run ids hash resolved (precision): left out
+# of config hashes.
 PATH_KEYS = {
     "profile",
     "data.source",
@@ -185,6 +189,7 @@ PATH_KEYS = {
     "pretrain.checkpoint_every",
     "pretrain.keep_checkpoints",
     "pretrain.compile",
+    "pretrain.precision",  # hashed resolved (fp32/bf16) by the run id, not as written
 }
 PATH_FIELDS = {
     "data.source",

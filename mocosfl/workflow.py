@@ -36,6 +36,7 @@ from mocosfl.eval.linear import linear_probe
 from mocosfl.io import atomic_path, write_json, write_text
 from mocosfl.models.resnet import Encoder, build_split_model
 from mocosfl.plotdata import write_plot_data
+from mocosfl.precision import resolve_precision
 from mocosfl.seeding import Stream, rng
 from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
 from mocosfl.tracking import NullTracker, Tracker, flatten
@@ -159,7 +160,8 @@ def run_dir(cfg: Config, ds: Dataset, shards_file: Path, method: str = "mocosfl"
     The hash covers the run's config sections, its data (``data_hash``) and the training code
     (``identity.code_hash``): an edit that can change the numbers gives a new run, trained anew.
     """
-    h = config_hash(cfg, PRETRAIN_SECTIONS, f"{data_hash(ds, shards_file)}:{identity.code_hash()}")
+    precision = resolve_precision(cfg.pretrain.precision, resolve_device(cfg.device))
+    h = config_hash(cfg, PRETRAIN_SECTIONS, f"{data_hash(ds, shards_file)}:{identity.code_hash()}:{precision}")
     return Path(cfg.pretrain.runs_dir) / (h if method == "mocosfl" else f"{method}-{h}")
 
 
@@ -322,6 +324,7 @@ def pretrain(
             final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,
             knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,
             history=trainer.history,
+            precision=trainer.precision,
             profile=cfg.profile,
             method=method,
         )

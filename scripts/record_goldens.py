@@ -52,6 +52,7 @@ def record(profile: str, method: str, work: Path) -> dict:
         f"metrics_dir={work / 'metrics'}",
         f"pretrain.num_threads={THREADS}",
         "tracking.enabled=false",
+        "pretrain.precision=fp32",  # the goldens are fp32 on every machine
     ]
     cfg = load_config(ROOT / "params.yaml", profile, overrides)
     workflow.prepare(cfg)

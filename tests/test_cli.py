@@ -98,6 +98,7 @@ def test_bench_prints_json_last(prepared: list[str], capsys: pytest.CaptureFixtu
         assert (r["clients_per_round"], r["client_batch_size"], r["batch_size"]) == (n, 2, 2 * n)
         assert r["sim_step_s"] > 0 and r["central_step_s"] > 0 and r["peak_rss_mb"] > 100
         assert r["gflop_per_step"] > 0 and r["threads"] >= 1
+        assert r["precision"] == "fp32"  # the test profile pins it
 
 
 def test_config_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:

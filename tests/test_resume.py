@@ -36,15 +36,19 @@ def _run(overrides: list[str]) -> dict:
     return json.loads((Path(mdir) / "pretrain.json").read_text())
 
 
-def _with(overrides: list[str], tmp: Path, name: str) -> list[str]:
+def _with(overrides: list[str], tmp: Path, name: str, precision: str) -> list[str]:
     kept = [o for o in overrides if not o.startswith(("pretrain.runs_dir=", "metrics_dir="))]
-    return kept + RUN + [f"pretrain.runs_dir={tmp / name / 'runs'}", f"metrics_dir={tmp / name / 'metrics'}"]
+    where = [f"pretrain.runs_dir={tmp / name / 'runs'}", f"metrics_dir={tmp / name / 'metrics'}"]
+    return kept + RUN + [f"pretrain.precision={precision}"] + where
 
 
-def test_sigkill_then_resume_matches_uninterrupted(prepared: list[str], tmp_path: Path) -> None:
-    clean = _run(_with(prepared, tmp_path, "clean"))
+# Exact within one precision mode: bf16 autocast is as deterministic on CPU as fp32.
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_then_resume_matches_uninterrupted(prepared: list[str], tmp_path: Path, precision: str) -> None:
+    clean = _run(_with(prepared, tmp_path, "clean", precision))
+    assert clean["precision"] == precision
 
-    killed = _with(prepared, tmp_path, "killed")
+    killed = _with(prepared, tmp_path, "killed", precision)
     runs = tmp_path / "killed" / "runs"
     proc = subprocess.Popen(
         _pretrain_cmd(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

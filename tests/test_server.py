@@ -278,3 +278,30 @@ def test_moco_backward_equals_backward_of_moco_loss(symmetric: bool, per_sample:
     for g, p in zip(joint, server2.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in target2.parameters())
+
+
+def test_bf16_forward_keeps_loss_and_keys_fp32_and_close() -> None:
+    """Under bf16 autocast the server's forward passes run in bf16 but the loss, the keys and the
+    gradients that reach the smashed data are fp32, and close to the fp32 ones (bf16 has 8 mantissa bits)."""
+    from mocosfl.models.resnet import build_split_model
+    from mocosfl.sfl.server import moco_loss
+
+    torch.manual_seed(0)
+    client, server = build_split_model(8, 1, proj_hidden_dim=32, proj_dim=16)
+    target = build_split_model(8, 1, proj_hidden_dim=32, proj_dim=16)[1]
+    target.load_state_dict(server.state_dict())
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    negatives = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        h_q = client(x1).detach().requires_grad_(True)
+        h_k = client(x2).detach()
+        loss, keys = moco_loss(server, target, h_q, h_k, negatives, 0.1, True, precision)
+        loss.backward()
+        assert loss.dtype == keys.dtype == h_q.grad.dtype == torch.float32
+        out[precision] = (loss.item(), keys, h_q.grad)
+        server.zero_grad()
+    (l32, k32, g32), (l16, k16, g16) = out["fp32"], out["bf16"]
+    assert l16 != l32 and abs(l16 - l32) / abs(l32) < 0.02  # bf16 really ran, and stays close
+    assert torch.nn.functional.cosine_similarity(k16, k32).min() > 0.99
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.95

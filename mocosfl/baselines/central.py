@@ -16,6 +16,7 @@ import torch
 from mocosfl.config import Config
 from mocosfl.data.augment import MocoV2Augment
 from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
+from mocosfl.precision import resolve_precision
 from mocosfl.seeding import Stream, rng, torch_generator
 from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr, maybe_compile
 from mocosfl.sfl.server import KeyQueue, ema_update_module, moco_backward
@@ -35,6 +36,7 @@ class CentralMoco:
         self.batch_size = batch_size
         self.total_steps = total_steps
         self.device = torch.device(device)
+        self.precision = resolve_precision(cfg.pretrain.precision, self.device)
         torch.set_flush_denormal(True)  # as in MocoSFLTrainer: subnormals slow CPU convolutions ~10x
         torch.manual_seed(cfg.seed)
         m = cfg.model
@@ -66,7 +68,14 @@ class CentralMoco:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss, keys = moco_backward(
-            self.model_fn, self.target_fn, view1, view2, self.queue.keys, cfg.moco.temperature, cfg.moco.symmetric
+            self.model_fn,
+            self.target_fn,
+            view1,
+            view2,
+            self.queue.keys,
+            cfg.moco.temperature,
+            cfg.moco.symmetric,
+            self.precision,
         )
         self.optimizer.step()
         ema_update_module(self.target, self.model, cfg.moco.ema)

@@ -80,6 +80,7 @@ class FLMocoTrainer(RoundLoop):
             negatives,
             cfg.moco.temperature,
             cfg.moco.symmetric,
+            self.precision,
         )
 
     def train_step(self) -> float:

@@ -20,6 +20,7 @@ from mocosfl.config import Config, ConfigError
 from mocosfl.data.augment import MocoV2Augment
 from mocosfl.eval.knn import extract_features, knn_top1
 from mocosfl.models.resnet import Encoder
+from mocosfl.precision import resolve_precision
 from mocosfl.seeding import Stream, rng, torch_generator
 from mocosfl.sfl import clients as C
 
@@ -174,6 +175,8 @@ class TrainLoop:
         self.shards = shards
         self.shard_sizes = np.array([len(s) for s in shards])
         self.plan = resolve_plan(cfg, self.shard_sizes)
+        # fp32 or bf16 forward passes on the server (pretrain.precision, "auto" resolved for this device)
+        self.precision = resolve_precision(cfg.pretrain.precision, self.device)
         self.knn = knn
         self.mean, self.std = mean, std
         # Subnormal floats make oneDNN convolutions ~10x slower on x86 CPUs (measured: 9.5 s vs

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mocosfl.precision import autocast
+
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean InfoNCE loss; positives are (q_j, k_j), negatives every row of ``negatives``.
@@ -36,18 +38,23 @@ def moco_terms(
     negatives: torch.Tensor,
     temperature: float,
     symmetric: bool,
+    precision: str = "fp32",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The MoCo v2 loss on the server, one term at a time: yields (term, keys of that term).
 
     Symmetric (the reference): L(f_s(h_q), f̄_s(h_k)) + L(f_s(h_k), f̄_s(h_q)), else the first term.
     The terms share no online activations, so a caller may back-propagate each before the next is
-    computed.  Shape: h_q, h_k [B, ...]; negatives [K, D] or [B, K, D]; each term's keys [B, D].
+    computed. ``precision`` (``mocosfl.precision``): the forward passes may run under bf16 autocast;
+    their outputs, the keys and the loss are fp32.
+    Shape: h_q, h_k [B, ...]; negatives [K, D] or [B, K, D]; each term's keys [B, D].
     """
     pairs = [(h_q, h_k)] + ([(h_k.detach(), h_q.detach())] if symmetric else [])
     for online_in, target_in in pairs:
-        q = F.normalize(server(online_in), dim=1)
-        with torch.no_grad():
-            k = F.normalize(server_target(target_in), dim=1)
+        with autocast(precision, online_in.device):
+            q = server(online_in)
+            with torch.no_grad():
+                k = server_target(target_in)
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
         yield info_nce(q, k, negatives, temperature), k
 
 

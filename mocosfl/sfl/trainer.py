@@ -162,6 +162,7 @@ class MocoSFLTrainer(RoundLoop):
             negatives,
             cfg.moco.temperature,
             cfg.moco.symmetric,
+            self.precision,
         )
         check_finite(loss, self.step)
         self.optimizer.step()

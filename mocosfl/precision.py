@@ -1,0 +1,56 @@
+"""Compute precision of the server's forward passes (``pretrain.precision``): fp32, or bf16 autocast.
+
+bf16 pays only where the hardware multiplies bf16 natively (CPUs with ``avx512_bf16``/``amx_bf16``, CUDA
+devices with bf16); elsewhere it is emulated and slower, so ``auto`` picks fp32 there. Only the forward
+passes run under autocast: master weights, optimizer state, EMA targets, the key queue, FedAvg and the
+loss reduction stay fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the hardware has native bf16, else ``fp32``; explicit names stay."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "bf16" and not native_bf16(device):
+        log.warning("pretrain.precision=bf16 on %s without native bf16: emulated, likely slower than fp32", device)
+    return name
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
+    """The context a forward pass runs in: bf16 autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
