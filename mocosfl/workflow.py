@@ -285,7 +285,7 @@ def pretrain(
     start_step = trainer.step
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", cfg.to_dict())
-    tags = provenance(ds, shards_file, directory, method)
+    tags = provenance(ds, shards_file, directory, method) | {"precision": trainer.precision}
 
     def step_hook(row: dict[str, float]) -> None:
         if "epoch" in row:
@@ -324,7 +324,6 @@ def pretrain(
             final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,
             knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,
             history=trainer.history,
-            precision=trainer.precision,
             profile=cfg.profile,
             method=method,
         )
