@@ -8,7 +8,7 @@ PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
 MOCOSFL := $(VENV)/bin/mocosfl
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean
+.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean gpu-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ tune: setup  ## Optuna study over sync period and queue size
 
 bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,10000)
 	$(MOCOSFL) bench $(PROFILE_ARG) $(if $(CLIENTS),--clients $(CLIENTS),)
+
+gpu-check: setup  ## CUDA tests + width-64 bench in fp32/TF32 and bf16 (one JSON line; skips without a GPU)
+	$(PY) scripts/gpu_check.py
 
 results: setup  ## baselines + ablations table reports/results-<profile>[-<suite>].md (SUITE=main|full|paper)
 	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(foreach o,$(OVERRIDES),--set $(o))

@@ -160,6 +160,7 @@ def bench_one(cfg: Config, n: int, log: Callable[[str], None] = logger.info) -> 
         "central_step_s": central_s,
         "ratio": sim_s / central_s,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "sync_ms": 1000 * _median(times.sync),
         "client_setup_s": setup_s,
         # The first step pays for one-off work (oneDNN primitives, torch.compile); reported apart.

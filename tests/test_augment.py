@@ -61,6 +61,7 @@ def test_shape_dtype_device() -> None:
     assert MocoV2Augment(24, MEAN, STD)(_images(4, size=40), _gen(0)).shape == (4, 3, 24, 24)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_device_matches_cpu() -> None:
     aug = MocoV2Augment(32, MEAN, STD)
