@@ -172,7 +172,7 @@ def cmd_prepare(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"prepared": str(path)}
 
 
-def cmd_partition(cfg: Any) -> dict[str, Any]:
+def cmd_partition(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl import workflow
 
     return workflow.partition(cfg)
@@ -249,7 +249,7 @@ def cmd_embed(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 CORE_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
     "prepare": cmd_prepare,
-    "partition": lambda cfg, args: cmd_partition(cfg),
+    "partition": cmd_partition,
     "pretrain": cmd_pretrain,
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
@@ -271,7 +271,11 @@ def load(args: argparse.Namespace) -> Any:
 
 def run(argv: list[str]) -> dict[str, Any]:
     """Run one command and return its result; user errors propagate (see ``main``)."""
-    args = build_parser().parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> dict[str, Any]:
+    """``run`` for a command line already parsed (``main`` parses once for the error messages too)."""
     cfg = load(args)
     if args.command == "config":
         from mocosfl.config import to_yaml
@@ -318,9 +322,10 @@ def configure_logging(level: int = logging.INFO) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     configure_logging()
-    command = build_parser().parse_args(argv).command
+    args = build_parser().parse_args(argv)
+    command = args.command
     try:
-        result = run(argv)
+        result = run_parsed(args)
     except user_errors() as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"mocosfl {command}: error: {first}", file=sys.stderr)

@@ -136,6 +136,15 @@ def partition(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def ensure_partition(cfg: Config) -> tuple[Dataset, list[np.ndarray]]:
+    """Prepare and partition the data if that has not been done for this config; the data and its shards."""
+    prepare(cfg)
+    if not shards_path(cfg).exists():
+        partition(cfg)
+    ds = Dataset(cfg)
+    return ds, load_partition(cfg, ds)
+
+
 def load_partition(cfg: Config, ds: Dataset) -> list[np.ndarray]:
     path = shards_path(cfg)
     if not path.exists():

@@ -250,9 +250,7 @@ def summarize(cfg: Config, study: optuna.Study) -> dict[str, Any]:
 
 def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run trials until the study holds ``tune.n_trials`` finished (complete or pruned) ones; write results."""
-    workflow.prepare(cfg)
-    if not workflow.shards_path(cfg).exists():
-        workflow.partition(cfg)
+    workflow.ensure_partition(cfg)
     out_dir = Path(cfg.tune.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

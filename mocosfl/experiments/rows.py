@@ -63,13 +63,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _ensure_partition(cfg: Config) -> list[np.ndarray]:
-    workflow.prepare(cfg)
-    if not workflow.shards_path(cfg).exists():
-        workflow.partition(cfg)
-    return workflow.load_partition(cfg, workflow.Dataset(cfg))
-
-
 def resolve(base: Config, row: Row, suite: str) -> Resolved:
     """Apply a row's overrides, partition its data if needed and fix its plan.
 
@@ -85,7 +78,7 @@ def resolve(base: Config, row: Row, suite: str) -> Resolved:
         workflow.prepare(cfg)
         ds = workflow.Dataset(cfg)
         return Resolved(row, cfg, None, cache_key(cfg, row.method, ds.fingerprint()))
-    shards = _ensure_partition(cfg)
+    ds, shards = workflow.ensure_partition(cfg)
     sizes = np.array([len(s) for s in shards])
     plan = resolve_plan(cfg, sizes)
     if row.fl_clients is not None:
@@ -99,8 +92,7 @@ def resolve(base: Config, row: Row, suite: str) -> Resolved:
         )
     never = row.overrides.get("sfl.sync_period") == NEVER
     cfg = cfg.replace(**{"sfl.sync_period": plan.total_steps if never else min(cfg.sfl.sync_period, plan.total_steps)})
-    plan = resolve_plan(cfg, sizes)
-    ds = workflow.Dataset(cfg)
+    plan = resolve_plan(cfg, sizes)  # the rules above change only sfl.*, not the data
     return Resolved(row, cfg, plan, cache_key(cfg, row.method, workflow.data_hash(ds, workflow.shards_path(cfg))))
 
 
