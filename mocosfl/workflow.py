@@ -380,8 +380,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load of a foreign file raises many types (IndexError, ...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path} is not a mocosfl encoder file ({first[:120]})") from None
+        # torch's own messages for a foreign file are cryptic ("101"): name the reader and the error type.
+        raise DataError(f"{path} is not a mocosfl encoder file (torch.load failed: {type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
         raise DataError(f"{path} is not a mocosfl encoder file (no '{ENCODER_FORMAT}' payload)")
     m = payload["model"]
