@@ -2,7 +2,8 @@
 
 Runs the CUDA-marked tests, then the width-64 paper-profile bench (N=1000, M=100, b=1) for 50 steps in
 fp32 (TF32 matrix products), in bf16, and in bf16 under torch.compile (the figure that decides whether
-`pretrain.compile: auto` should compile on CUDA; on CPU compiling was measured slower), with peak GPU memory. On a machine without CUDA it prints
+`pretrain.compile: auto` should compile on CUDA; on CPU compiling was measured slower), with peak GPU
+memory. On a machine without CUDA it prints
 {"skipped": ...} and exits 0.
 
     python scripts/gpu_check.py [--steps 50] [--out metrics/gpu_check.json]

@@ -1,4 +1,4 @@
-"""torch.compile'd server agrees with eager on a tiny model; `auto` stays eager (compiling was measured slower on CPU)."""
+"""torch.compile'd server agrees with eager on a tiny model; `auto` stays eager (measured slower on CPU)."""
 
 from __future__ import annotations
 
