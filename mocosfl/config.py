@@ -92,9 +92,9 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     runs_dir: str = "runs"
     num_threads: int | None = None
-    # torch.compile the server model: auto = only for runs long enough to repay the compile time.
+    # torch.compile the server model: auto = eager (compiled steps were measured slower on CPU).
     compile: Literal["auto", "on", "off"] = "auto"
-    # Server forward passes in fp32 or under bf16 autocast; auto = bf16 where the hardware has native
+    # Forward passes (clients and server) in fp32 or under bf16 autocast; auto = bf16 where the hardware has native
     # bf16 (mocosfl/precision.py). Run ids hash the resolved choice, not "auto".
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
