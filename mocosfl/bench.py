@@ -52,7 +52,7 @@ def bench_data(cfg: Config, num_clients: int, log: Callable[[str], None]) -> tup
     try:
         ds = workflow.Dataset(cfg)
         log(f"bench on prepared data {ds.prepared.path.name} ({len(ds.train_y)} images)")
-        return ds.train_x(), ds.train_y, ds.prepared.mean, ds.prepared.std
+        return ds.train_x(), ds.train_y, ds.normalization.mean, ds.normalization.std
     except DataError:
         n = max(50_000, 5 * num_clients)
         log(f"no prepared data: bench on {n} synthetic images")
@@ -96,14 +96,14 @@ def interleaved_steps(sim: MocoSFLTrainer, central_step: Callable[[], None], ste
         if s >= warmup:
             out.sim.append(dt)
             out.central.append(dc)
-            if not sim.round_open:  # the step ended with a sync
+            if sim.synced_last_step:
                 out.sync.append(sim.last_sync_seconds)
     return out
 
 
 def augment_seconds(cfg: Config, images: np.ndarray, batch: int, mean: RGB, std: RGB, device: torch.device) -> float:
     """Median time to make both augmented views of one batch (5 tries)."""
-    aug = MocoV2Augment(cfg.data.image_size, mean, std)
+    aug = MocoV2Augment(cfg.data.image_size, mean, std, scale=cfg.augment.crop_scale, blur_sigma=cfg.augment.blur_sigma)
     batch_imgs = torch.from_numpy(np.array(images[:batch])).to(device)
     seconds = []
     for i in range(5):

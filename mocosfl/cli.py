@@ -188,14 +188,15 @@ def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         plan = trainer.plan
         resuming = f" (resuming at step {trainer.step})" if trainer.step else ""
         log.info(
-            "run %s : N=%d M=%d b=%d B=%d steps=%d sync every %d%s",
+            "run %s : N=%d M=%d b=%d B=%d steps=%d, re-sample every %d, sync %s%s",
             directory,
             plan.num_clients,
             plan.clients_per_round,
             plan.client_batch_size,
             plan.batch_size,
             plan.total_steps,
-            plan.sync_period,
+            plan.sample_period,
+            "never" if plan.sync_period is None else f"every {plan.sync_period}",
             resuming,
         )
         state["bar"] = _progress_bar(plan.total_steps, "pretrain")

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 Auto = Literal["auto"]
+Never = Literal["never"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class DataConfig:
     # Use a seeded random subset of this many training / test images (None = all).
     train_limit: int | None = None
     test_limit: int | None = None
+    # Validation images carved (seeded) out of the training set after train_limit; no client trains on them.
+    # They are the kNN monitor's queries (so Optuna's objective) and the linear probe's epoch selection.
+    val_size: int = 5000
+    # Normalization mean/std: reference = the reference code's CIFAR-10 constants, dataset = the prepared
+    # training set's statistics, auto = reference when the data is CIFAR-10, else dataset.
+    normalization: Literal["auto", "dataset", "reference"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -52,14 +59,28 @@ class ModelConfig:
     cut_layers: Literal[1, 3, 5] = 1
     proj_hidden_dim: int = 1024
     proj_dim: int = 1024
-    gn_groups: int = 32
+    gn_channels_per_group: int = 4  # GroupNorm groups = channels // this, in every norm (the reference: 4)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """MoCo v2 augmentation ranges (the other constants of the recipe are fixed, as in the reference)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction (torchvision's default)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma in pixels (PIL GaussianBlur radius)
 
 
 @dataclass(frozen=True)
 class SflConfig:
     clients_per_round: int | Auto = "auto"
     client_batch_size: int | Auto = "auto"
-    sync_period: int = 50
+    # Steps between re-sampling the participants; auto = one pass over a participant's shard (the
+    # reference re-samples once per epoch). Independent of sync_period.
+    sample_period: int | Auto = "auto"
+    # FedAvg of the client models every sync_period steps; auto = the reference's rule (1000 // (b*N)
+    # syncs per pass over the shards: every 45 steps on 45,000 training images at any N); never = each
+    # client keeps its own model (evaluated as the FedAvg of all trained clients' models at the end).
+    sync_period: int | Auto | Never = "auto"
     sync_targets: bool = True
     stateful_clients: bool = False
     # Storage of the O(N) per-client state (stateful momentum, unsynced targets); compute stays float32.
@@ -87,7 +108,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     knn_every: int = 500
     knn_bank_size: int = 5000
-    knn_test_size: int = 1000
+    knn_query_size: int = 1000  # validation images the kNN monitor queries (at most data.val_size)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     runs_dir: str = "runs"
@@ -107,7 +128,6 @@ class EvaluateConfig:
     linear_epochs: int = 100
     linear_lr: float = 1e-3
     linear_batch_size: int = 256
-    val_fraction: float = 0.1
     batch_size: int = 500
 
 
@@ -155,6 +175,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     sfl: SflConfig = field(default_factory=SflConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -219,6 +240,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         allowed = " or ".join(_describe(a) for a in typing.get_args(tp))
         raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+    if origin is tuple:
+        arms = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(arms):
+            try:
+                return tuple(_check_type(key, v, arm) for v, arm in zip(value, arms, strict=True))
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} is invalid: expected {_describe(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and {"on", "off"} <= set(choices):
@@ -255,6 +284,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
 
 
 def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list [{', '.join(_describe(a) for a in typing.get_args(tp))}]"
     if typing.get_origin(tp) is Literal:
         return " or ".join(map(repr, typing.get_args(tp)))
     if tp is type(None):
@@ -283,7 +314,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _positive(key: str, value: Any, minimum: float = 1) -> None:
-    if value is not None and value != "auto" and value < minimum:
+    if value is not None and value not in ("auto", "never") and value < minimum:
         raise ConfigError(f"{key}={value!r} is invalid: must be >= {minimum}")
 
 
@@ -296,16 +327,17 @@ def validate(cfg: Config) -> Config:
         "model.width",
         "model.proj_hidden_dim",
         "model.proj_dim",
-        "model.gn_groups",
+        "model.gn_channels_per_group",
         "sfl.clients_per_round",
         "sfl.client_batch_size",
+        "sfl.sample_period",
         "sfl.sync_period",
         "moco.queue_size",
         "pretrain.epochs",
         "pretrain.steps",
         "pretrain.knn_every",
         "pretrain.knn_bank_size",
-        "pretrain.knn_test_size",
+        "pretrain.knn_query_size",
         "pretrain.checkpoint_every",
         "pretrain.keep_checkpoints",
         "pretrain.num_threads",
@@ -316,6 +348,7 @@ def validate(cfg: Config) -> Config:
         "bench.steps",
         "data.train_limit",
         "data.test_limit",
+        "data.val_size",
         "tune.n_trials",
         "tune.steps",
         "tune.knn_every",
@@ -341,12 +374,31 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"pretrain.momentum={cfg.pretrain.momentum!r} is invalid: must be in [0, 1)")
     if cfg.pretrain.weight_decay < 0:
         raise ConfigError(f"pretrain.weight_decay={cfg.pretrain.weight_decay!r} is invalid: must be >= 0")
-    if not 0 < cfg.evaluate.val_fraction < 1:
-        raise ConfigError(f"evaluate.val_fraction={cfg.evaluate.val_fraction!r} is invalid: must be in (0, 1)")
+    d = cfg.data
+    if d.train_limit is not None and d.val_size >= d.train_limit:
+        raise ConfigError(
+            f"data.val_size={d.val_size!r} is invalid: must be < data.train_limit ({d.train_limit}), "
+            "or no training images are left"
+        )
+    _validate_model_augment(cfg)
     t = cfg.tune
     if t.sync_period_min > t.sync_period_max or t.queue_size_min > t.queue_size_max:
         raise ConfigError("tune: each *_min must be <= its *_max")
     return cfg
+
+
+def _validate_model_augment(cfg: Config) -> None:
+    m, a = cfg.model, cfg.augment
+    if m.width % m.gn_channels_per_group:
+        raise ConfigError(
+            f"model.gn_channels_per_group={m.gn_channels_per_group!r} is invalid: must divide model.width={m.width}"
+        )
+    lo, hi = a.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"augment.crop_scale={list(a.crop_scale)!r} is invalid: need 0 < low <= high <= 1")
+    lo, hi = a.blur_sigma
+    if not 0 < lo <= hi:
+        raise ConfigError(f"augment.blur_sigma={list(a.blur_sigma)!r} is invalid: need 0 < low <= high")
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

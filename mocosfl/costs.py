@@ -80,7 +80,7 @@ def mocosfl_client_flops(cfg: Config, client_batch_size: int) -> float:
     and backprops the server's gradient through the online model.  Shape: views [b, 3, S, S].
     """
     m, s, b = cfg.model, cfg.data.image_size, client_batch_size
-    client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+    client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
     target = copy.deepcopy(client).requires_grad_(False)
     view1, view2 = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
 
@@ -100,7 +100,7 @@ def flmoco_client_flops(cfg: Config, client_batch_size: int, local_queue_size: i
     backward through the whole online model.  Shape: views [b, 3, S, S], negatives [K/M, D].
     """
     m, s, b = cfg.model, cfg.data.image_size, client_batch_size
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
     model = ServerModel(Encoder(client, server.backbone), server.head)
     target = copy.deepcopy(model).requires_grad_(False)
     view1, view2 = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
@@ -122,7 +122,7 @@ def client_cost(method: str, cfg: Config, plan: Plan | None) -> tuple[int | None
     if plan is None or method == "central":
         return None, None
     m = cfg.model
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
     if method == "mocosfl":
         return count_params(client), mocosfl_client_flops(cfg, plan.client_batch_size)
     if method == "flmoco":

@@ -23,8 +23,9 @@ class Stream(IntEnum):
     TRAIN_SUBSET = 11  # (seed, 11): data.train_limit's slice of the training set
     TEST_SUBSET = 12  # (seed, 12): data.test_limit's slice of the test set
     KNN_BANK = 13  # (seed, 13): the kNN monitor's memory bank (training images)
-    KNN_QUERIES = 14  # (seed, 14): the kNN monitor's queries
+    KNN_QUERIES = 14  # (seed, 14): the kNN monitor's queries (validation images)
     BENCH_AUGMENT = 99  # (seed, 99, i): images of the bench's augmentation timing
+    VAL_SPLIT = 15  # (seed, 15): data.val_size's validation images, carved from the training set
 
 
 def rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:

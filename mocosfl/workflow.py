@@ -23,6 +23,7 @@ from mocosfl.checkpoints import load_latest_checkpoint, save_checkpoint
 from mocosfl.config import Config, config_hash
 from mocosfl.costs import peak_rss_mb
 from mocosfl.data.partition import (
+    PartitionError,
     class_counts,
     load_shards,
     partition_indices,
@@ -30,7 +31,15 @@ from mocosfl.data.partition import (
     plot_class_heatmap,
     save_shards,
 )
-from mocosfl.data.prepare import DataError, PreparedData, load_prepared, prepare_dataset, prepared_path
+from mocosfl.data.prepare import (
+    DataError,
+    Normalization,
+    PreparedData,
+    load_prepared,
+    normalization,
+    prepare_dataset,
+    prepared_path,
+)
 from mocosfl.eval.knn import extract_features, knn_top1
 from mocosfl.eval.linear import linear_probe
 from mocosfl.io import atomic_path, write_json, write_text
@@ -45,7 +54,7 @@ __all__ = ["load_latest_checkpoint", "save_checkpoint", "write_json"]  # re-expo
 
 _log = logging.getLogger(__name__)
 
-PRETRAIN_SECTIONS = ("seed", "data", "partition", "model", "sfl", "moco", "pretrain")
+PRETRAIN_SECTIONS = ("seed", "data", "partition", "model", "augment", "sfl", "moco", "pretrain")
 # What pretrain can train: MocoSFL and the baselines at the same plan (mocosfl/baselines/).
 METHODS = ("mocosfl", "central", "flmoco")
 ENCODER_FORMAT = "mocosfl-encoder-v1"
@@ -73,30 +82,63 @@ def _subset(n: int, limit: int | None, seed: int, stream: Stream) -> np.ndarray:
     return np.sort(rng(seed, stream).choice(n, limit, replace=False))
 
 
+def split_validation(pool: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split training-image indices ``pool`` into (training, validation), both sorted like ``pool``.
+
+    The ``val_size`` validation images are a seeded draw of their own stream (``Stream.VAL_SPLIT``).
+    Shape: pool [n] -> [n - val_size], [val_size].
+    """
+    n = len(pool)
+    if not 1 <= val_size < n:
+        raise DataError(
+            f"data.val_size={val_size} is invalid: the training set has {n} images (after data.train_limit), "
+            f"so it must be in [1, {n - 1}]"
+        )
+    is_val = np.zeros(n, dtype=bool)
+    is_val[rng(seed, Stream.VAL_SPLIT).choice(n, val_size, replace=False)] = True
+    return pool[~is_val], pool[is_val]
+
+
 class Dataset:
-    """The prepared arrays restricted to ``data.train_limit`` / ``data.test_limit``."""
+    """The prepared arrays as three disjoint sets of images: training, validation and test.
+
+    ``train_*``: ``data.train_limit``'s slice of the training set less the validation images, the only
+    images any client or baseline trains on (shards index into them). ``val_*``: ``data.val_size`` images
+    carved from that slice, for every selection (kNN monitor, Optuna, the probe's epoch). ``test_*``:
+    ``data.test_limit``'s slice of the test set, for the final numbers only.
+    """
 
     def __init__(self, cfg: Config):
         self.prepared: PreparedData = load_prepared(cfg.data.source, cfg.data.prepared_dir, cfg.data.image_size)
         p = self.prepared
-        self.train_idx = _subset(len(p.train_y), cfg.data.train_limit, cfg.seed, Stream.TRAIN_SUBSET)
+        pool = _subset(len(p.train_y), cfg.data.train_limit, cfg.seed, Stream.TRAIN_SUBSET)
+        self.train_idx, self.val_idx = split_validation(pool, cfg.data.val_size, cfg.seed)
         self.test_idx = _subset(len(p.test_y), cfg.data.test_limit, cfg.seed, Stream.TEST_SUBSET)
         self.train_y = np.asarray(p.train_y)[self.train_idx]
+        self.val_y = np.asarray(p.train_y)[self.val_idx]
         self.test_y = np.asarray(p.test_y)[self.test_idx]
         self.num_classes = len(p.classes)
+        # The one place inputs' mean/std are chosen (data.normalization); every consumer reads this.
+        self.normalization: Normalization = normalization(p, cfg.data.normalization)
 
     def train_x(self) -> np.ndarray:
-        """Training images [n, H, W, 3] uint8; the read-only memmap itself when no subset is taken."""
-        x = self.prepared.train_x
-        if len(self.train_idx) == len(x) and np.array_equal(self.train_idx, np.arange(len(x))):
-            return x
-        return np.asarray(x[self.train_idx])
+        """Training images [n, H, W, 3] uint8 (a copy: the validation images are left out)."""
+        return np.asarray(self.prepared.train_x[self.train_idx])
+
+    def val_x(self) -> np.ndarray:
+        return np.asarray(self.prepared.train_x[self.val_idx])
 
     def test_x(self) -> np.ndarray:
         return np.asarray(self.prepared.test_x[self.test_idx])
 
+    def val_record(self) -> dict[str, Any]:
+        """The validation split as a shard file records it (its shards must leave these images out)."""
+        return {"size": len(self.val_idx), "sha256": hashlib.sha256(self.val_idx.tobytes()).hexdigest()[:16]}
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.train_idx).tobytes())  # indices too: the split moves images
+        h.update(np.ascontiguousarray(self.val_idx).tobytes())
         h.update(np.ascontiguousarray(self.train_y).tobytes())
         h.update(np.ascontiguousarray(self.test_y).tobytes())
         h.update(json.dumps([self.prepared.classes, list(self.prepared.train_x.shape)]).encode())
@@ -111,7 +153,7 @@ def shards_path(cfg: Config) -> Path:
 
 
 def partition(cfg: Config) -> dict[str, Any]:
-    """Split the training set into client shards; writes the index, summary and heat map."""
+    """Split the training images (not the validation ones) into client shards; write index, summary, heat map."""
     ds = Dataset(cfg)
     pc = cfg.partition
     shards = partition_indices(
@@ -123,9 +165,10 @@ def partition(cfg: Config) -> dict[str, Any]:
         alpha=pc.dirichlet_alpha,
     )
     summary = partition_summary(ds.train_y, shards, ds.num_classes)
-    summary.update(method=pc.method, seed=cfg.seed, dataset=ds.prepared.path.name)
+    summary.update(method=pc.method, seed=cfg.seed, dataset=ds.prepared.path.name, val_images=len(ds.val_idx))
     path = shards_path(cfg)
-    save_shards(shards, path, {"summary": summary, "fingerprint": ds.fingerprint()})
+    meta = {"summary": summary, "fingerprint": ds.fingerprint(), "validation": ds.val_record()}
+    save_shards(shards, path, meta)
     plot_class_heatmap(
         class_counts(ds.train_y, shards, ds.num_classes),
         ds.prepared.classes,
@@ -137,20 +180,34 @@ def partition(cfg: Config) -> dict[str, Any]:
 
 
 def ensure_partition(cfg: Config) -> tuple[Dataset, list[np.ndarray]]:
-    """Prepare and partition the data if that has not been done for this config; the data and its shards."""
+    """Prepare and partition the data unless this config's shard file exists and is valid; the data and its shards.
+
+    A missing, stale (other data, no validation split) or corrupt shard file is made again: shards are a
+    pure function of the config and data.
+    """
     prepare(cfg)
-    if not shards_path(cfg).exists():
-        partition(cfg)
     ds = Dataset(cfg)
+    try:
+        return ds, load_partition(cfg, ds)
+    except (DataError, PartitionError) as e:
+        if shards_path(cfg).exists():
+            _log.warning("%s; partitioning again", e)
+    partition(cfg)
     return ds, load_partition(cfg, ds)
 
 
 def load_partition(cfg: Config, ds: Dataset) -> list[np.ndarray]:
+    """The client shards of this config, after checking they were made from exactly these training images."""
     path = shards_path(cfg)
     if not path.exists():
         raise DataError(f"no client shards at {path}: run `mocosfl partition` with the same settings first")
     shards, meta = load_shards(path)
-    if meta.get("fingerprint") != ds.fingerprint():
+    if "validation" not in meta:
+        raise DataError(
+            f"{path} was made without a validation split (its shards may hold validation images): "
+            "run `mocosfl partition` again"
+        )
+    if meta.get("fingerprint") != ds.fingerprint() or meta["validation"] != ds.val_record():
         raise DataError(f"{path} was made from other data: run `mocosfl partition` again")
     return shards
 
@@ -202,15 +259,19 @@ def provenance(ds: Dataset, shards_file: Path, directory: Path, method: str) -> 
 
 
 def knn_data(cfg: Config, ds: Dataset) -> KnnData:
+    """The kNN monitor's fixed sets: a memory bank of training images, queries from the validation images.
+
+    Never test images: the monitor is what Optuna maximises and what picks between runs.
+    """
     pc = cfg.pretrain
     bank = _subset(len(ds.train_idx), pc.knn_bank_size, cfg.seed, Stream.KNN_BANK)
-    test = _subset(len(ds.test_idx), pc.knn_test_size, cfg.seed, Stream.KNN_QUERIES)
+    queries = _subset(len(ds.val_idx), pc.knn_query_size, cfg.seed, Stream.KNN_QUERIES)
     p = ds.prepared
     return KnnData(
         bank_x=np.asarray(p.train_x[ds.train_idx[bank]]),
         bank_y=torch.from_numpy(ds.train_y[bank]).long(),
-        test_x=np.asarray(p.test_x[ds.test_idx[test]]),
-        test_y=torch.from_numpy(ds.test_y[test]).long(),
+        query_x=np.asarray(p.train_x[ds.val_idx[queries]]),
+        query_y=torch.from_numpy(ds.val_y[queries]).long(),
         num_classes=ds.num_classes,
     )
 
@@ -247,7 +308,7 @@ def encoder_payload(trainer: TrainLoop) -> dict[str, Any]:
         "model": {
             "width": m.width,
             "cut_layers": m.cut_layers,
-            "gn_groups": m.gn_groups,
+            "gn_channels_per_group": m.gn_channels_per_group,
             "proj_hidden_dim": m.proj_hidden_dim,
             "proj_dim": m.proj_dim,
         },
@@ -286,15 +347,20 @@ def pretrain(
         return result  # type: ignore[no-any-return]
 
     device = resolve_device(cfg.device)
-    p = ds.prepared
-    trainer = make_trainer(method, cfg, ds.train_x(), shards, p.mean, p.std, knn_data(cfg, ds), device)
+    norm = ds.normalization
+    trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn_data(cfg, ds), device)
+    # After the trainer, whose plan may reject the config: a bad input stays a one-line error.
+    _log.info("normalization: %s (mean %s, std %s)", norm.source, norm.mean, norm.std)
     state = load_latest_checkpoint(directory)
     if state is not None:
         trainer.load_state_dict(state)
     start_step = trainer.step
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", cfg.to_dict())
-    tags = provenance(ds, shards_file, directory, method) | {"precision": trainer.precision}
+    tags = provenance(ds, shards_file, directory, method) | {
+        "precision": trainer.precision,
+        "normalization": norm.source,
+    }
 
     def step_hook(row: dict[str, float]) -> None:
         if "epoch" in row:
@@ -331,7 +397,9 @@ def pretrain(
             wall_seconds_this_session=time.perf_counter() - wall0,
             peak_rss_mb_this_session=peak_rss_mb(),
             final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,
-            knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,
+            knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,  # on validation images, like the history's
+            knn_queries="val",
+            val_images=len(ds.val_idx),
             history=trainer.history,
             profile=cfg.profile,
             method=method,
@@ -385,7 +453,10 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
         raise DataError(f"{path} is not a mocosfl encoder file (no '{ENCODER_FORMAT}' payload)")
     m = payload["model"]
-    client, server = build_split_model(m["width"], m["cut_layers"], m["proj_hidden_dim"], m["proj_dim"], m["gn_groups"])
+    if "gn_channels_per_group" not in m:  # saved before GroupNorm used the reference's 4 channels per group
+        raise DataError(f"{path} has the old GroupNorm layout (model.gn_groups); pretrain it again with this version")
+    cpg = m["gn_channels_per_group"]
+    client, server = build_split_model(m["width"], m["cut_layers"], m["proj_hidden_dim"], m["proj_dim"], cpg)
     enc = Encoder(client, server.backbone)
     enc.client.load_state_dict(payload["client"])
     enc.backbone.load_state_dict(payload["backbone"])
@@ -412,7 +483,9 @@ def evaluate(
     if cfg.evaluate.encoder == "random":
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+        client, server = build_split_model(
+            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
+        )
         enc = Encoder(client, server.backbone).to(device).eval().requires_grad_(False)
         source = "random init"
     else:
@@ -423,30 +496,35 @@ def evaluate(
         source = str(directory)
     e = cfg.evaluate
     kw: dict[str, Any] = dict(
-        mean=ds.prepared.mean,
-        std=ds.prepared.std,
+        mean=ds.normalization.mean,
+        std=ds.normalization.std,
         image_size=cfg.data.image_size,
         batch_size=e.batch_size,
         device=device,
     )
     t0 = time.perf_counter()
-    say(f"extracting features of {len(ds.train_idx)} train + {len(ds.test_idx)} test images ...")
+    n_train, n_val, n_test = len(ds.train_idx), len(ds.val_idx), len(ds.test_idx)
+    say(f"extracting features of {n_train} train + {n_val} validation + {n_test} test images ...")
     train_f = extract_features(enc, ds.train_x(), **kw)
+    val_f = extract_features(enc, ds.val_x(), **kw)
     test_f = extract_features(enc, ds.test_x(), **kw)
     train_y = torch.from_numpy(ds.train_y).long()
+    val_y = torch.from_numpy(ds.val_y).long()
     test_y = torch.from_numpy(ds.test_y).long()
+    # The reported numbers are on test; the probe's epoch is chosen on validation (nothing is chosen on test).
     knn = knn_top1(train_f, train_y, test_f, test_y, ds.num_classes, e.knn_k, e.knn_temperature)
-    say(f"kNN top-1 {knn:.2f}%; training linear probe for {e.linear_epochs} epochs ...")
+    say(f"kNN top-1 {knn:.2f}% (test); training linear probe for {e.linear_epochs} epochs ...")
     probe = linear_probe(
         train_f,
         train_y,
+        val_f,
+        val_y,
         test_f,
         test_y,
         ds.num_classes,
         e.linear_epochs,
         e.linear_lr,
         e.linear_batch_size,
-        e.val_fraction,
         cfg.seed,
     )
     result: dict[str, Any] = {
@@ -457,8 +535,9 @@ def evaluate(
         "linear_probe_val_top1": probe.val_top1,
         "linear_probe_best_epoch": probe.best_epoch,
         "feature_dim": int(train_f.shape[1]),
-        "train_images": len(ds.train_idx),
-        "test_images": len(ds.test_idx),
+        "train_images": n_train,
+        "val_images": n_val,
+        "test_images": n_test,
         "seconds": time.perf_counter() - t0,
         "dataset": ds.prepared.path.name,
     }

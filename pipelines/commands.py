@@ -45,14 +45,22 @@ def _results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl.experiments.rows import default_suite
     from pipelines.results import run_suite
 
-    return run_suite(cfg, args.suite or default_suite(cfg.profile), log=log.info)
+    return run_suite(cfg, args.suite or default_suite(cfg.profile), log=log.info, seeds=args.seeds)
 
 
 def _results_arguments(p: argparse.ArgumentParser) -> None:
-    from mocosfl.experiments.suites import SUITES
+    from mocosfl.experiments.suites import HEADLINE_SEEDS, ONE_SEED_PROFILES, SUITES
 
     p.add_argument(
         "--suite", choices=sorted(SUITES), help="suite of runs (default: paper on the paper profile, else main)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help=f"run every row at N seeds (seed, seed+1, ...), each its own cached run (default: the suite's: "
+        f"{HEADLINE_SEEDS} on main's headline rows, 1 on the others; 1 everywhere on the "
+        f"{'/'.join(ONE_SEED_PROFILES)} profiles)",
     )
 
 

@@ -21,7 +21,7 @@ from mocosfl.config import PATH_FIELDS, Config
 from mocosfl.io import atomic_path, write_text
 from pipelines import tracking
 
-CONFIG_SECTIONS = ("data", "partition", "model", "sfl", "moco", "pretrain")
+CONFIG_SECTIONS = ("data", "partition", "model", "augment", "sfl", "moco", "pretrain")
 # metrics file -> the stage that writes it (named in the error when it is missing)
 REQUIRED = {
     "partition.json": "partition",
@@ -129,7 +129,7 @@ def write_plots(out_dir: Path, history: list[dict[str, float]], heatmap: Path) -
     """loss / kNN / lr / communication curves over steps, plus a copy of the partition heat map."""
     curves = {  # file: (history key, y label, title, scale)
         "loss.png": ("loss_mean", "loss (mean since last row)", "MoCo loss", 1.0),
-        "knn.png": ("knn_top1", "kNN top-1 (%)", "kNN monitor", 1.0),
+        "knn.png": ("knn_top1", "kNN top-1 (%)", "kNN monitor (validation images)", 1.0),
         "lr.png": ("lr", "learning rate", "Learning rate (cosine)", 1.0),
         "communication.png": ("bytes_per_client", "MB per client (cumulative)", "Communication", 1e-6),
     }
@@ -206,7 +206,7 @@ def build(cfg: Config, m: dict[str, Any], plots: list[str]) -> tuple[str, list[t
             row += [_num(rnd.get(key)), _num(gain, "+.2f")]
         results.rows.append(row)
     results.rows.append(
-        ["kNN monitor at the end of training (%)", _num(pre.get("knn_top1"))] + (["", ""] if rnd else [])
+        ["kNN monitor at the end of training (validation, %)", _num(pre.get("knn_top1"))] + (["", ""] if rnd else [])
     )
 
     partition = Table(

@@ -3,10 +3,13 @@
 Suites are the Python tables in ``mocosfl/experiments/suites.py``; what a row means (its config, plan,
 run and costs) is ``mocosfl.experiments.rows``. This module is the edge around them: the loop with its
 cache, the markdown/CSV/plots and MLflow. Each row is a method plus config overrides on top of the
-chosen profile, so every row sees the same number of images (the profile's steps x batch B). A finished
-row is cached as ``<runs_dir>/results/<row-key>.json``, keyed by its method, resolved config, data and
-training-code hash, and not run again; pretrain runs resume from their checkpoints as ``mocosfl pretrain``
-does. Each row is an MLflow run nested under one parent run per invocation. Output in ``report.out_dir``:
+chosen profile, so every row sees the same number of images (the profile's steps x batch B). A row runs
+at ``Row.seeds`` seeds (seed, seed+1, ...; one each on the quick-check profiles, or ``--seeds N``), each
+its own run: a finished run is cached as ``<runs_dir>/results/<run-key>.json``, keyed by its method,
+resolved config (seed included), data and training-code hash, and not run again; pretrain runs resume
+from their checkpoints as ``mocosfl pretrain`` does. The table shows mean ± std over a row's seeds; the
+CSV has one line per (row, seed) with the row's mean and std repeated on each. Each run is an MLflow run
+nested under one parent run per invocation. Output in ``report.out_dir``:
 ``results-<profile>.{md,csv}`` for the profile's default suite (``main``; ``paper`` on the paper profile)
 and ``results-<profile>-<suite>.{md,csv}`` for any other, so a smoke run never overwrites the committed
 cpu table; plus ``…-probe.png`` and ``…-knn.png``.
@@ -20,6 +23,8 @@ import io
 import json
 import os
 import platform
+import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mocosfl import identity
 from mocosfl.config import Config, ConfigError
 from mocosfl.experiments import rows
 from mocosfl.experiments.rows import default_suite
@@ -37,6 +43,13 @@ from pipelines import tracking
 
 # "MocoSFL matches centralized MoCo" when its linear probe is at most this many points below.
 MATCH_POINTS = 2.0
+# Per-seed numbers that the table shows as mean ± std over a row's seeds.
+STAT_KEYS = ("knn_top1", "linear_probe_top1")
+# Verdicts of a claim (``verdict``).
+SUPPORTED = "supported"
+NOT_SUPPORTED = "not supported"
+NOT_RESOLVED = "not resolved at this budget"
+ONE_SEED = "not resolved (one seed)"
 
 COLUMNS = [
     "method",
@@ -48,6 +61,9 @@ COLUMNS = [
     "queue",
     "steps",
     "images seen",
+    "distinct clients",
+    "distinct images",
+    "seeds",
     "kNN top-1",
     "linear-probe top-1",
     "client params",
@@ -73,6 +89,39 @@ def _f(x: Any, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1) of one row's seeds; the std is None for a single seed."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
+    """``37.73 ± 0.41``; the plain mean for one seed (std unknown), ``—`` without a value."""
+    if mean is None:
+        return "—"
+    return format(mean, fmt) if std is None else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def aggregate(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per label (first-seen order): the first seed's fields, mean ± std of the accuracies.
+
+    ``seeds`` counts the row's runs and ``runs`` keeps them (for the curves); distinct clients/images
+    and wall time are means over the seeds that report them.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault(e["label"], []).append(e)
+    table = []
+    for runs in groups.values():
+        row = {**runs[0], "seeds": len(runs), "runs": runs}
+        for k in STAT_KEYS:
+            row[k], row[f"{k}_std"] = mean_std([r[k] for r in runs])
+        for k in ("distinct_clients", "distinct_images", "wall_seconds"):
+            values = [r[k] for r in runs if r.get(k) is not None]  # cached results from before lack the counts
+            row[k] = statistics.mean(values) if values else None
+        table.append(row)
+    return table
+
+
 def _participation(e: dict[str, Any]) -> str:
     if e["method"] == "central":
         return f"B={e['batch_size']}"
@@ -82,8 +131,13 @@ def _participation(e: dict[str, Any]) -> str:
 
 
 def table_cells(e: dict[str, Any]) -> list[str]:
+    """The markdown cells of one aggregated row (``aggregate``), in ``COLUMNS`` order."""
     sync = e["sync_period"]
-    sync_text = "—" if sync is None else (f"{sync} (never)" if e["never_sync"] else str(sync))
+    if sync is None:
+        sync_text = "never" if e["never_sync"] else "—"  # a plan without FedAvg (sync_period None) never syncs
+    else:
+        sync_text = f"{sync} (never)" if e["never_sync"] else str(sync)
+    seeds = e.get("seeds", 1)
     return [
         e["label"],
         _f(e["num_clients"], "d"),
@@ -94,176 +148,286 @@ def table_cells(e: dict[str, Any]) -> list[str]:
         e["queue"] or "—",
         str(e["steps"]),
         f"{e['images_seen']:,}",
-        _f(e["knn_top1"], ".2f"),
-        _f(e["linear_probe_top1"], ".2f"),
+        _f(e.get("distinct_clients"), ",.0f"),
+        _f(e.get("distinct_images"), ",.0f"),
+        "1 seed" if seeds == 1 else str(seeds),
+        pm(e["knn_top1"], e.get("knn_top1_std")),
+        pm(e["linear_probe_top1"], e.get("linear_probe_top1_std")),
         _f(e["client_params"], ",d"),
         _f(None if e["bytes_per_client"] is None else e["bytes_per_client"] / 1e6, ".2f"),
         _f(None if e["client_flops_per_image"] is None else e["client_flops_per_image"] / 1e6, ".2f"),
-        f"{e['wall_seconds'] / 60:.1f}",
+        _f(None if e["wall_seconds"] is None else e["wall_seconds"] / 60, ".1f"),
     ]
+
+
+CSV_KEYS = [
+    "label",
+    "group",
+    "method",
+    "seed",
+    "num_clients",
+    "partition",
+    "cut_layers",
+    "sync_period",
+    "never_sync",
+    "clients_per_round",
+    "client_batch_size",
+    "batch_size",
+    "queue",
+    "width",
+    "steps",
+    "images_seen",
+    "distinct_clients",
+    "distinct_images",
+    "knn_top1",
+    "linear_probe_top1",
+    "linear_probe_top1_final_epoch",
+    "client_params",
+    "bytes_per_client",
+    "client_flops_per_image",
+    "train_seconds",
+    "eval_seconds",
+    "wall_seconds",
+    "key",
+    # The row's aggregate over its seeds, the same on each of its lines.
+    "seeds",
+    "knn_top1_mean",
+    "knn_top1_std",
+    "linear_probe_top1_mean",
+    "linear_probe_top1_std",
+]
 
 
 def csv_text(entries: list[dict[str, Any]]) -> str:
-    keys = [
-        "label",
-        "group",
-        "method",
-        "num_clients",
-        "partition",
-        "cut_layers",
-        "sync_period",
-        "never_sync",
-        "clients_per_round",
-        "client_batch_size",
-        "batch_size",
-        "queue",
-        "width",
-        "steps",
-        "images_seen",
-        "knn_top1",
-        "linear_probe_top1",
-        "linear_probe_top1_final_epoch",
-        "client_params",
-        "bytes_per_client",
-        "client_flops_per_image",
-        "train_seconds",
-        "eval_seconds",
-        "wall_seconds",
-        "key",
-    ]
+    """One line per (row, seed) run, plus its row's mean and std over seeds (blank std for one seed).
+
+    ``pd.read_csv`` gives the runs; ``.drop_duplicates("label")`` the table's rows.
+    """
+    by_label = {a["label"]: a for a in aggregate(entries)}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_KEYS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for e in entries:
-        writer.writerow({k: "" if e.get(k) is None else e[k] for k in keys})
+        a = by_label[e["label"]]
+        stats = {"seeds": a["seeds"]} | {
+            f"{k}_{s}": a[k if s == "mean" else f"{k}_std"] for k in STAT_KEYS for s in ("mean", "std")
+        }
+        line = {**e, **stats}
+        writer.writerow({k: "" if line.get(k) is None else line[k] for k in CSV_KEYS})
     return buf.getvalue()
 
 
-def claims(entries: list[dict[str, Any]]) -> list[str]:
-    """The paper's qualitative claims checked on this table's linear-probe numbers (skipped if a row is missing)."""
-    by = {e["label"]: e for e in entries}
+def verdict(mean_a: float, std_a: float | None, mean_b: float, std_b: float | None, margin: float = 0.0) -> str:
+    """The claim "a beats b" (``a > b - margin``) at this table's noise.
 
-    def acc(label: str) -> float | None:
-        return by[label]["linear_probe_top1"] if label in by else None
+    Supported only when the difference ``mean_a - mean_b + margin`` is positive by more than
+    ``std_a + std_b``; not supported when it is that large and negative; otherwise not resolved. A
+    side with one seed has no std, so nothing is resolved (a lone run's noise is unknown).
+    """
+    if std_a is None or std_b is None:
+        return ONE_SEED
+    diff, noise = mean_a - mean_b + margin, std_a + std_b
+    if diff > noise:
+        return SUPPORTED
+    if diff < -noise:
+        return NOT_SUPPORTED
+    return NOT_RESOLVED
 
-    def verdict(ok: bool) -> str:
-        return "**supported**" if ok else "**not supported**"
+
+def claims(table: list[dict[str, Any]]) -> list[str]:
+    """The paper's qualitative claims checked on the aggregated rows' linear probe (skipped if a row is missing).
+
+    Each row needs ``linear_probe_top1`` (mean over seeds) and ``linear_probe_top1_std`` (None for one seed).
+    """
+    by = {e["label"]: e for e in table}
+    key = "linear_probe_top1"
+
+    def compare(claim: str, a: dict[str, Any], b: dict[str, Any], margin: float = 0.0) -> str:
+        ma, sa, mb, sb = a[key], a.get(f"{key}_std"), b[key], b.get(f"{key}_std")
+        noise = "" if sa is None or sb is None else f", std sum {sa + sb:.2f}"
+        return (
+            f"{claim}: **{verdict(ma, sa, mb, sb, margin)}** — {a['label']} {pm(ma, sa)} vs {b['label']} "
+            f"{pm(mb, sb)} (Δ {ma - mb:+.2f}{noise})."
+        )
 
     out = []
-    sfl, central, fl, rnd = acc("MocoSFL"), acc("centralized MoCo"), acc("FL-MoCo"), acc("random init")
-    if sfl is not None and central is not None:
+    sfl, central, fl, rnd = (by.get(x) for x in ("MocoSFL", "centralized MoCo", "FL-MoCo", "random init"))
+    if sfl and central:
         out.append(
-            f"MocoSFL matches centralized MoCo at equal budget (within {MATCH_POINTS:g} points): "
-            f"{verdict(sfl >= central - MATCH_POINTS)} — {sfl:.2f} vs {central:.2f} "
-            f"({sfl - central:+.2f})."
-        )
-    off = acc("MocoSFL, no feature sharing")
-    if sfl is not None and off is not None:
-        out.append(
-            f"Feature sharing (one shared queue) helps on this partition: {verdict(sfl > off)} — "
-            f"{sfl:.2f} with vs {off:.2f} without ({sfl - off:+.2f})."
-        )
-    frequent = [a for a in (acc("MocoSFL, sync every step"), acc("MocoSFL, sync every 50")) if a is not None]
-    never = acc("MocoSFL, never sync")
-    if frequent and never is not None:
-        out.append(
-            f"Frequent synchronization beats never syncing: {verdict(max(frequent) > never)} — best of "
-            f"sync 1/50 {max(frequent):.2f} vs never {never:.2f} ({max(frequent) - never:+.2f})."
-        )
-    if sfl is not None and fl is not None:
-        out.append(
-            f"MocoSFL beats FL-MoCo at the same images seen: {verdict(sfl > fl)} — {sfl:.2f} vs "
-            f"{fl:.2f} ({sfl - fl:+.2f})."
-        )
-    if sfl is not None and rnd is not None:
-        out.append(f"Pretraining beats the random-init floor: {verdict(sfl > rnd)} — {sfl:.2f} vs {rnd:.2f}.")
-    if "MocoSFL" in by and "FL-MoCo" in by:
-        a, b = by["MocoSFL"], by["FL-MoCo"]
-        if a["client_flops_per_image"] and b["client_flops_per_image"]:
-            out.append(
-                f"Client compute: {a['client_flops_per_image'] / 1e6:.2f} MFLOPs per image for MocoSFL "
-                f"vs {b['client_flops_per_image'] / 1e6:.1f} for FL-MoCo "
-                f"({b['client_flops_per_image'] / a['client_flops_per_image']:.0f}x less)."
+            compare(
+                f"MocoSFL matches centralized MoCo at equal budget (within {MATCH_POINTS:g} points)",
+                sfl,
+                central,
+                MATCH_POINTS,
             )
-        if a["bytes_per_client"] and b["bytes_per_client"]:
+        )
+    off = by.get("MocoSFL, no feature sharing")
+    if sfl and off:
+        out.append(compare("Feature sharing (one shared queue) helps on this partition", sfl, off))
+    frequent = [by[x] for x in ("MocoSFL, sync every step", "MocoSFL, sync every 10") if x in by]
+    never = by.get("MocoSFL, never sync")
+    if frequent and never:
+        best = max(frequent, key=lambda e: e[key])
+        out.append(compare("Frequent synchronization (the better of every step / every 10) beats never", best, never))
+    iid = by.get("MocoSFL, IID")
+    if sfl and iid:
+        out.append(
+            compare(
+                f"Non-IID robustness: MocoSFL on non-IID shards within {MATCH_POINTS:g} points of IID",
+                sfl,
+                iid,
+                MATCH_POINTS,
+            )
+        )
+    if sfl and fl:
+        out.append(compare("MocoSFL beats FL-MoCo at the same images seen", sfl, fl))
+    if sfl and rnd:
+        out.append(compare("Pretraining beats the random-init floor", sfl, rnd))
+    if sfl and fl:
+        if sfl["client_flops_per_image"] and fl["client_flops_per_image"]:
             out.append(
-                f"Communication per client over training: {a['bytes_per_client'] / 1e6:.2f} MB for "
-                f"MocoSFL vs {b['bytes_per_client'] / 1e6:.2f} MB for FL-MoCo."
+                f"Client compute: {sfl['client_flops_per_image'] / 1e6:.2f} MFLOPs per image for MocoSFL "
+                f"vs {fl['client_flops_per_image'] / 1e6:.1f} for FL-MoCo "
+                f"({fl['client_flops_per_image'] / sfl['client_flops_per_image']:.0f}x less)."
+            )
+        if sfl["bytes_per_client"] and fl["bytes_per_client"]:
+            out.append(
+                f"Communication per client over training: {sfl['bytes_per_client'] / 1e6:.2f} MB for "
+                f"MocoSFL vs {fl['bytes_per_client'] / 1e6:.2f} MB for FL-MoCo."
             )
     return out
+
+
+def training_code_dirty(root: Path) -> bool | None:
+    """Whether ``root``'s ``mocosfl/`` has uncommitted changes (edits or new files); None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "mocosfl"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def code_line(root: Path = identity.PACKAGE.parent) -> str:
+    """The header's provenance: git commit, a dirty marker for uncommitted training code, the code hash."""
+    sha = tracking.git_commit(root).removesuffix("-dirty")[:10]
+    dirty = " **dirty** (uncommitted changes under mocosfl/)" if training_code_dirty(root) else ""
+    return f"git {sha}{dirty}; training-code hash {identity.code_hash()} (`mocosfl --version`)"
 
 
 def markdown(
     cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, suite_seconds: float, plots: list[str]
 ) -> str:
+    """The results page: header (provenance, budget, seeds, wall time), table, plots, claims, notes."""
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    trained = [e for e in entries if e["steps"]]
+    table = aggregate(entries)
+    trained = [e for e in table if e["steps"]]
     budget = (
         f"{trained[0]['steps']} steps x B={trained[0]['batch_size']} = {trained[0]['images_seen']:,} images per method"
         if trained
         else "no trained rows"
     )
+    runs = {x["key"]: x["wall_seconds"] for x in entries}  # rows that resolve to one run share it
+    most = max(e["seeds"] for e in table) if table else 1
     e = cfg.evaluate
     lines = [
         f"# Results: suite `{suite}`, profile `{cfg.profile}`",
         "",
-        f"- Date: {date}; machine: {machine}; git {tracking.git_commit(Path(cfg.tracking.db).resolve().parent)[:10]}.",
-        f"- Budget: {budget}; ResNet-18 width {cfg.model.width}; seed {cfg.seed}; one run per row (no error bars).",
+        f"- Date: {date}; machine: {machine}.",
+        f"- Code: {code_line()}.",
+        f"- Budget: {budget}; ResNet-18 width {cfg.model.width}.",
+        f"- Seeds: a row's runs use seeds {cfg.seed}, {cfg.seed + 1}, … (column `seeds`, up to {most} here), each "
+        "its own partition, sampling and initialization; kNN and linear probe are mean ± sample std (ddof=1) "
+        "over them, a plain number for one seed.",
         f"- Evaluation: kNN (k={e.knn_k}) on the full train/test split, linear probe {e.linear_epochs} epochs "
         "(epoch chosen on a validation split of train).",
-        f"- Wall time: {sum({x['key']: x['wall_seconds'] for x in entries}.values()) / 60:.1f} min of training and "
-        f"evaluation over the distinct runs (each row's own in the table); this invocation took "
-        f"{suite_seconds / 60:.1f} min (finished rows are read from the cache).",
+        f"- Wall time: {sum(runs.values()) / 60:.1f} min, the sum of the {len(runs)} distinct runs' measured "
+        "training + evaluation times (each row's mean per run in the table), whenever they ran; this invocation "
+        f"took {suite_seconds / 60:.1f} min (finished runs are read from the cache).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(table_cells(x)) + " |" for x in entries]
+    lines += ["| " + " | ".join(table_cells(x)) + " |" for x in table]
     lines += [""] + [f"![{p}]({p})" for p in plots]
-    found = claims(entries)
+    found = claims(table)
     if found:
-        lines += ["", "## The paper's qualitative claims at this budget", ""] + [f"- {c}" for c in found]
+        lines += [
+            "",
+            "## The paper's qualitative claims at this budget",
+            "",
+            "A claim is **supported** only when its difference of means exceeds the sum of the two rows' "
+            "stds in the claimed direction, **not supported** when it exceeds it the other way, and "
+            "otherwise **not resolved at this budget**; with one seed on a side its std is unknown, so "
+            "**not resolved (one seed)**. Linear-probe top-1.",
+            "",
+        ] + [f"- {c}" for c in found]
     lines += [
         "",
         "## Notes",
         "",
+        "- Distinct clients / images: how many clients and training images the run actually trained on "
+        "(counted by its trainer; mean over seeds), against the images seen = steps x B.",
         "- MB per client: bytes up + down of all training divided by N (non-participants count as zero): "
         "MocoSFL sends h_q and h_k up and receives dloss/dh_q per image, plus client model and target "
-        "down at each round's start and up at its end; FL-MoCo moves the full model and target both ways "
-        "each round. Counted from the tensors the trainers exchange.",
+        "down when a client starts from the global model and up at each sync (a client returning unsynced "
+        "keeps its own); FL-MoCo moves the full model and target the same way. Counted from the tensors the "
+        "trainers exchange.",
         "- Client FLOPs per image: FlopCounterMode on one client step (2 FLOPs per multiply-accumulate of "
         "convolutions and matrix products; norms and elementwise ops not counted). MocoSFL: online + target "
         "forward and online backward of the client model; FL-MoCo: the whole symmetric MoCo step.",
-        '- A sync period at or beyond the step count is one round for the whole run ("never"); with '
-        "client sampling that also means the same participants throughout.",
+        "- Participants are re-sampled every pass over a shard (sfl.sample_period auto) in every row; the sync "
+        "period is a separate knob. A client leaving a round unsynced keeps its own model for its next round; "
+        '"never" (or a period beyond the step count) evaluates the FedAvg of every trained client\'s model.',
     ]
-    if any(x["method"] == "flmoco" for x in entries):
+    if any(x["method"] == "flmoco" for x in table):
         lines.append(
             "- FL-MoCo: full encoder + head per client, local queue of K/M keys and local EMA target for "
-            "the round (fresh when a client is sampled), FedAvg of model and target every sync period; "
+            "target; the local queue of K/M keys lives with its client for the whole run (random keys once, "
+            "at its first round), FedAvg of model and target every sync period; "
             "clients per round x batch as in the table, so the same images per step as MocoSFL."
         )
-    lines.append(f"- Files: {stem}.md, {stem}.csv" + "".join(f", {p}" for p in plots) + ".")
+    lines.append(f"- Files: {stem}.md, {stem}.csv (one line per row and seed)" + "".join(f", {p}" for p in plots) + ".")
     return "\n".join(lines) + "\n"
 
 
+def _mean_curve(runs: list[dict[str, Any]]) -> tuple[list[float], list[float], list[float]]:
+    """Steps, mean and std (0 for one seed) of the kNN monitor over a row's seeds, at the steps they share."""
+    values: dict[float, list[float]] = {}
+    for r in runs:
+        for h in r["knn_history"]:
+            values.setdefault(h["step"], []).append(h["knn_top1"])
+    steps = sorted(s for s, v in values.items() if len(v) == len(runs))
+    stats = [mean_std(values[s]) for s in steps]
+    return steps, [m for m, _ in stats], [sd or 0.0 for _, sd in stats]
+
+
 def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> list[str]:
-    """Bar chart of linear-probe top-1 per row and kNN monitor vs step of the curve rows."""
+    """Bar chart of linear-probe top-1 per row and kNN monitor vs step of the curve rows, ± std over seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    table = aggregate(entries)
     written = []
-    fig = Figure(figsize=(7, 0.45 * len(entries) + 1.2))
+    fig = Figure(figsize=(7, 0.45 * len(table) + 1.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    labels = [e["label"] for e in entries][::-1]
-    values = [e["linear_probe_top1"] for e in entries][::-1]
-    ax.barh(labels, values, color=["#888" if "random" in lab else "#3a7" for lab in labels])
-    for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
-    ax.set_xlabel("linear-probe top-1 (%)")
-    ax.set_xlim(0, max(values + [1.0]) * 1.15)
+    labels = [e["label"] for e in table][::-1]
+    values = [e["linear_probe_top1"] for e in table][::-1]
+    errors = [e["linear_probe_top1_std"] or 0.0 for e in table][::-1]
+    ax.barh(
+        labels,
+        values,
+        xerr=errors,
+        capsize=3,
+        color=["#888" if "random" in lab else "#3a7" for lab in labels],
+    )
+    for y, (v, err) in enumerate(zip(values, errors, strict=True)):
+        ax.text(v + err, y, f" {v:.1f}" + (f" ± {err:.1f}" if err else ""), va="center", fontsize=8)
+    ax.set_xlabel("linear-probe top-1 (%), mean ± std over seeds")
+    ax.set_xlim(0, max([v + err for v, err in zip(values, errors, strict=True)] + [1.0]) * 1.2)
     ax.set_title("Linear probe per method")
     fig.tight_layout()
     name = f"{stem}-probe.png"
@@ -271,17 +435,17 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
         fig.savefig(tmp, format="png", dpi=100)
     written.append(name)
 
-    curves = [e for e in entries if e.get("curve") and e["knn_history"]]
+    curves = [e for e in table if e.get("curve") and e["knn_history"]]
     if curves:
         fig = Figure(figsize=(6, 3.8))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         for e in curves:
-            h = e["knn_history"]
-            ax.plot([r["step"] for r in h], [r["knn_top1"] for r in h], marker="o", markersize=3, label=e["label"])
+            steps, means, stds = _mean_curve(e["runs"])
+            ax.errorbar(steps, means, yerr=stds, marker="o", markersize=3, capsize=2, label=e["label"])
         ax.set_xlabel("step")
         ax.set_ylabel("kNN monitor top-1 (%)")
-        ax.set_title("kNN monitor during training")
+        ax.set_title("kNN monitor during training (± std over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -296,7 +460,7 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
 
 
 def _log_row_mlflow(
-    r: rows.Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool, suite: str
+    r: rows.Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool, suite: str, name: str
 ) -> None:
     import mlflow
 
@@ -307,10 +471,11 @@ def _log_row_mlflow(
         "row_key": r.key,
         "cached": str(cached).lower(),
         "group": r.row.group,
+        "seed": str(r.cfg.seed),
     }
     if "code_hash" in entry:
         tags["code_hash"] = entry["code_hash"]
-    with tracking.mlflow_run(r.cfg, r.row.label, nested=True, tags=tags):
+    with tracking.mlflow_run(r.cfg, name, nested=True, tags=tags):
         mlflow.log_param("method", r.row.method)
         for h in history or entry["knn_history"]:
             tracking.log_row(h)
@@ -318,20 +483,28 @@ def _log_row_mlflow(
         mlflow.log_metrics(numbers)
 
 
-def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or reuse) every row of ``suite`` on ``cfg``'s profile; write the table, CSV and plots."""
+def run_suite(
+    cfg: Config, suite: str = "main", log: Callable[[str], None] = print, seeds: int | None = None
+) -> dict[str, Any]:
+    """Run (or reuse) every row of ``suite`` at its seeds on ``cfg``'s profile; write the table, CSV and plots.
+
+    ``seeds`` (``--seeds``) sets every row's seed count instead of the suite's (``rows.seed_count``).
+    """
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}' (known: {', '.join(SUITES)})")
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds {seeds} is invalid: must be >= 1")
     t_suite = time.perf_counter()
     cache = rows.results_dir(cfg)
-    resolved = [rows.resolve(cfg, row, suite) for row in SUITES[suite]]
+    counts = {row.label: rows.seed_count(row, cfg.profile, seeds) for row in SUITES[suite]}
+    resolved = [rows.resolve(cfg, row, suite, i) for row in SUITES[suite] for i in range(counts[row.label])]
     unique: dict[str, rows.Resolved] = {}
     for r in resolved:
         unique.setdefault(r.key, r)
     todo = [r for r in unique.values() if not (cache / f"{r.key}.json").exists()]
     log(
-        f"suite '{suite}', profile '{cfg.profile}': {len(resolved)} rows, {len(unique)} distinct runs, "
-        f"{len(unique) - len(todo)} already finished"
+        f"suite '{suite}', profile '{cfg.profile}': {len(counts)} rows, {len(resolved)} runs over their seeds, "
+        f"{len(unique)} distinct, {len(unique) - len(todo)} already finished"
     )
     if todo:
         seconds = rows.estimate(todo, log)
@@ -345,20 +518,22 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
             path = cache / f"{r.key}.json"
             cached = r.key in done or path.exists()
             history: list[dict[str, float]] = []
+            name = r.row.label if counts[r.row.label] == 1 else f"{r.row.label}, seed {r.cfg.seed}"
             if r.key in done:
                 entry = dict(done[r.key])
             elif path.exists():
                 entry = json.loads(path.read_text())
             else:
-                log(f"[{i}/{len(resolved)}] {r.row.label} ({r.row.method})")
+                log(f"[{i}/{len(resolved)}] {name} ({r.row.method})")
                 entry = rows.run_row(r, log, on_row=history.append)
                 write_json(path, entry)
             done[r.key] = entry
-            entry = {**entry, "label": r.row.label, "group": r.row.group, "curve": r.row.curve}
+            # The seed from the resolved config: cached entries from before seeds were recorded lack it.
+            entry = {**entry, "label": r.row.label, "group": r.row.group, "curve": r.row.curve, "seed": r.cfg.seed}
             if cached:
-                log(f"[{i}/{len(resolved)}] {r.row.label}: already finished (row {r.key})")
+                log(f"[{i}/{len(resolved)}] {name}: already finished (run {r.key})")
             if track:
-                _log_row_mlflow(r, entry, history, cached, suite)
+                _log_row_mlflow(r, entry, history, cached, suite, name)
             entries.append(entry)
 
         out_dir = Path(cfg.report.out_dir)
@@ -383,10 +558,11 @@ def run_suite(cfg: Config, suite: str = "main", log: Callable[[str], None] = pri
         "markdown": str(md),
         "csv": str(csv_path),
         "plots": [str(out_dir / p) for p in plots],
-        "rows": len(entries),
+        "rows": len(counts),
+        "runs": len(entries),
         "ran": len(todo),
         "wall_seconds": suite_seconds,
-        "linear_probe_top1": {e["label"]: e["linear_probe_top1"] for e in entries},
+        "linear_probe_top1": {e["label"]: e["linear_probe_top1"] for e in aggregate(entries)},  # mean over seeds
     }
 
 

@@ -1,5 +1,9 @@
 """Optuna study over the sync period and the shared-queue size, each trial a short pretrain scored by kNN top-1.
 
+The score is the pretrain kNN monitor's: training images as memory bank, the validation images
+(``data.val_size``, carved from the training set) as queries. No test image is read, so the chosen
+settings are not fitted to the test set that ``mocosfl evaluate`` reports on.
+
 The study lives in SQLite (``tune.storage``) so it can be resumed, extended (raise ``tune.n_trials`` and run
 again) or shared by several ``mocosfl tune`` processes. Results: ``<metrics_dir>/tune.json``, plots in
 ``tune.out_dir`` and ``<tune.out_dir>/best_params.json``, whose ``"overrides"`` list is what
@@ -80,7 +84,7 @@ def trial_config(cfg: Config, trial: optuna.Trial) -> Config:
 
 
 def _train(trial: optuna.Trial, trial_cfg: Config, track: bool) -> float:
-    """Pretrain one trial, reporting each kNN to the pruner (raises TrialPruned)."""
+    """Pretrain one trial, reporting each (validation) kNN to the pruner (raises TrialPruned)."""
     reported: set[int] = set()
 
     def report(row: dict[str, Any]) -> None:
@@ -111,7 +115,7 @@ def _train(trial: optuna.Trial, trial_cfg: Config, track: bool) -> float:
         import mlflow
 
         mlflow.set_tag("run_hash", str(result.get("run_id", "")))
-        mlflow.log_metric("objective_knn_top1", float(result["knn_top1"]))
+        mlflow.log_metric("objective_val_knn_top1", float(result["knn_top1"]))
     return float(result["knn_top1"])
 
 
@@ -160,7 +164,7 @@ def _log_trial(log: Callable[[str], None], target: int) -> Callable[[optuna.Stud
         done = sum(1 for s in study.get_trials(deepcopy=False) if s.state in FINISHED)
         params = " ".join(f"{k}={v}" for k, v in t.params.items())
         if t.state == TrialState.COMPLETE:
-            outcome = f"kNN top-1 {t.value:.2f}"
+            outcome = f"val kNN top-1 {t.value:.2f}"
         elif t.state == TrialState.PRUNED:
             last = t.last_step
             outcome = f"pruned at step {last}" if last is not None else "pruned"
@@ -277,7 +281,7 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
                 result = _write_results(cfg, study, out_dir, log, {"mlflow_run_id": parent.info.run_id})
                 mlflow.log_metrics({k: float(result[k]) for k in ("n_trials", "n_complete", "n_pruned")})
                 if result["best_value"] is not None:
-                    mlflow.log_metric("best_knn_top1", float(result["best_value"]))
+                    mlflow.log_metric("best_val_knn_top1", float(result["best_value"]))
                     mlflow.log_params({f"best.{k}": v for k, v in result["best_params"].items()})
                 files = [str(Path(cfg.metrics_dir) / "tune.json"), result["best_params_file"], *result["plots"]]
                 for path in files:

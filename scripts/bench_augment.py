@@ -21,10 +21,10 @@ STD = (0.2470, 0.2435, 0.2616)
 
 def kornia_pipeline(size: int) -> torch.nn.Module:
     return torch.nn.Sequential(
-        K.RandomResizedCrop((size, size), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)),
+        K.RandomResizedCrop((size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
         K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
         K.RandomGrayscale(p=0.2),
-        K.RandomGaussianBlur((3, 3), (0.1, 2.0), p=0.5),
+        K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=0.5),  # +-3 sigma at sigma = 2, as ours reaches (6 px)
         K.RandomHorizontalFlip(p=0.5),
         K.Normalize(mean=torch.tensor(MEAN), std=torch.tensor(STD)),
     )

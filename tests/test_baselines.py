@@ -4,7 +4,7 @@ centralized batches without replacement, exact resume of both, and client FLOPs 
 from __future__ import annotations
 
 import copy
-import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,14 @@ from torch.func import functional_call, vmap
 
 from mocosfl.baselines.central import CentralTrainer
 from mocosfl.baselines.flmoco import FLMocoTrainer, build_full_model
+from mocosfl.checkpoints import load_latest_checkpoint, save_checkpoint
 from mocosfl.config import Config, load_config
 from mocosfl.costs import count_flops, flmoco_client_flops, mocosfl_client_flops
 from mocosfl.data.partition import partition_indices
 from mocosfl.models.resnet import MIN_GROUP_CHANNELS, WSConv2d, count_params
+from mocosfl.seeding import Stream, torch_generator
 from mocosfl.sfl import clients as C
+from mocosfl.sfl.loop import sample_participants
 from mocosfl.sfl.server import ema_update_module
 from mocosfl.sfl.trainer import MocoSFLTrainer, TrainLoop, cosine_lr, moco_loss
 
@@ -33,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(**over) -> Config:
-    # test profile: width 8, proj 64 -> 32, b = 2, sync_period 3, queue 128, 8 steps.
-    base = {"data.image_size": SIZE, "partition.num_clients": N}
+    # test profile: width 8, proj 64 -> 32, b = 2, sync_period 3, queue 128, 8 steps. Unless a test says
+    # otherwise, participants are re-sampled at every sync (sampling round = sync period).
+    base = {"data.image_size": SIZE, "partition.num_clients": N, "sfl.sample_period": over.get("sfl.sync_period", 3)}
     return load_config(PARAMS, "test").replace(**{**base, **over})
 
 
@@ -43,10 +47,15 @@ def clone(params: C.Params) -> C.Params:
 
 
 def roundtrip(state: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+    """Through the real checkpoint files: a weights_only .pt plus one .npy per O(N) bank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), state, keep=1)
+        loaded = load_latest_checkpoint(Path(tmp))
+        assert loaded is not None
+        for name, value in loaded.items():  # read the banks before the folder goes
+            if name.endswith("_bank"):
+                loaded[name] = torch.from_numpy(np.load(value)).view(state[name].flat.dtype)
+        return loaded
 
 
 # ---------------------------------------------------------------- FL-MoCo
@@ -126,6 +135,7 @@ def test_flmoco_round_equals_per_client_loop() -> None:
         if s == 0:
             assert not torch.equal(tr.p["head.0.weight"][0], tr.p["head.0.weight"][1])  # clients diverge
     final = clone(tr.p)
+    tr.sync(round_continues=False)
     tr.end_round()
     for name, v in final.items():
         torch.testing.assert_close(tr.global_params[name], v.mean(0), rtol=1e-5, atol=1e-6)
@@ -146,6 +156,7 @@ def test_flmoco_fedavg_of_full_models_and_bytes() -> None:
     tr.step += 1
     p, t = clone(tr.p), clone(tr.t)
     w = torch.tensor([len(unequal[i]) for i in ids], dtype=torch.float64)
+    tr.sync(round_continues=False)
     tr.end_round()
     for name, v in p.items():
         expected = (v.double() * (w / w.sum()).view(-1, *[1] * (v.dim() - 1))).sum(0).float()
@@ -159,6 +170,30 @@ def test_flmoco_fedavg_of_full_models_and_bytes() -> None:
     full = 4 * count_params(build_full_model(cfg))
     assert tr.bytes_down == tr.bytes_up == 2 * 4 * (2 * full)
     assert tr.summary()["client_params"] == full // 4
+
+
+def test_flmoco_local_queues_live_with_their_clients() -> None:
+    cfg = make_cfg(**{"sfl.clients_per_round": 6, "pretrain.steps": 9})
+    tr = FLMocoTrainer(cfg, IMAGES, SHARDS, MEAN, STD)
+    assert tr.queue_size == 128 // 6 and (tr.queue_ptr == -1).all()
+    for _ in range(3):
+        tr.advance()
+    assert tr.round_ids is None and tr.queue is None
+    ids0 = tr.round_ids if tr.round_ids is not None else torch.from_numpy(sample_participants(tr.plan, cfg.seed, 0))
+    others = [i for i in range(N) if i not in ids0.tolist()]
+    assert (tr.queue_ptr[ids0] == (3 * 2 * 2) % tr.queue_size).all()  # 3 steps x 2 terms x b=2 keys each
+    assert (tr.queue_ptr[others] == -1).all()
+    kept = tr.queue_bank.tensors["keys"]
+    tr.begin_round(1)
+    ids1 = tr.round_ids.tolist()
+    assert any(i in ids0.tolist() for i in ids1) and any(i in others for i in ids1)
+    for j, i in enumerate(ids1):
+        if i in ids0.tolist():  # its own queue, where it left it
+            assert torch.equal(tr.queue.keys[j], kept[i]) and tr.queue.ptr[j] == tr.queue_ptr[i]
+        else:  # first time: random unit keys seeded by the client's id, written from slot 0
+            fresh = torch.randn(tr.queue_size, 32, generator=torch_generator(cfg.seed, Stream.FLMOCO_QUEUE, i))
+            torch.testing.assert_close(tr.queue.keys[j], torch.nn.functional.normalize(fresh, dim=1))
+            assert tr.queue.ptr[j] == 0
 
 
 def test_flmoco_same_images_and_participants_as_mocosfl() -> None:

@@ -51,7 +51,8 @@ def test_pretrain_evaluate_and_rerun(prepared: list[str], capsys: pytest.Capture
     ev = _metrics(prepared, "eval.json")
     for key in ("knn_top1", "linear_probe_top1"):
         assert 0 <= ev[key] <= 100
-    assert ev["train_images"] == 2000 and ev["test_images"] == 400
+    # data.train_limit 2200 = 2000 training + 200 validation images (data.val_size)
+    assert ev["train_images"] == 2000 and ev["val_images"] == 200 and ev["test_images"] == 400
 
     assert main(cli_args("evaluate", prepared + ["evaluate.encoder=random"])) == 0
     assert "knn_top1" in _metrics(prepared, "eval_random.json")

@@ -27,7 +27,7 @@ def _assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = 
 def _setup(cut: int, seed: int = 0, width: int = WIDTH) -> tuple[nn.Module, C.Params, list[nn.Module], torch.Tensor]:
     """Template module, stacked params whose clients all differ, equal per-client module copies, inputs."""
     torch.manual_seed(seed)
-    module, _ = build_split_model(width, cut, gn_groups=32)
+    module, _ = build_split_model(width, cut, gn_channels_per_group=4)
     stacked = C.stack(C.module_params(module), M)
     with torch.no_grad():
         for v in stacked.values():

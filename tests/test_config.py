@@ -116,7 +116,7 @@ def test_unknown_key_names_it(override: str, name: str) -> None:
         ("sfl.sync_targets=3", ["sfl.sync_targets=3", "true or false"]),
         ("model.width=0", ["model.width=0", ">= 1"]),
         ("model.width=8.5", ["model.width=8.5", "integer"]),
-        ("sfl.sync_period=true", ["sfl.sync_period=true", "integer"]),
+        ("sfl.sync_period=true", ["sfl.sync_period=true", "int"]),
         ("moco.temperature=0", ["moco.temperature=0", "> 0"]),
         ("device=gpu", ["device='gpu'", "'auto', 'cpu', 'cuda'"]),
     ],
@@ -255,6 +255,16 @@ def test_plan_paper_numbers() -> None:
     assert plan.sync_period == 50
 
 
+@pytest.mark.parametrize("n", [20, 100, 200, 1000])
+def test_auto_periods_follow_the_reference(n: int) -> None:
+    """Re-sampling once per pass over a shard; 1000 // (b*N) syncs per pass: every 50 steps on 50,000 images."""
+    plan = _plan(n, shard=50_000 // n)
+    assert plan.sample_period == 50_000 // n // plan.client_batch_size
+    assert plan.sync_period == 50
+    assert _plan(n, shard=45_000 // n).sync_period == 45  # the training set less the validation split
+    assert _plan(n, **{"sfl.sync_period": "never"}).sync_period is None
+
+
 def test_plan_steps_override_epochs() -> None:
     assert _plan(20, **{"pretrain.steps": 17}).total_steps == 17
     plan = _plan(20, shard=7, **{"pretrain.epochs": 3, "sfl.client_batch_size": 2})
@@ -300,3 +310,129 @@ def test_paths_in_a_dvc_experiment_copy(copy: str) -> None:
     assert _resolve_relative(root, "mlflow.db", shared=True) == str(ws / "mlflow.db")
     assert _resolve_relative(ws, "mlflow.db", shared=True) == str(ws / "mlflow.db")  # the workspace itself
     assert _resolve_relative(ws, "../shared/x") == "/work/shared/x"
+
+
+# ---------------------------------------------------------------- the reference recipe (model, augment, normalization)
+
+
+def test_mocosfl_config_prints_the_reference_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from mocosfl.cli import main
+
+    assert main(["config", "--params", str(PARAMS), "--profile", "paper"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["augment"] == {"crop_scale": [0.08, 1.0], "blur_sigma": [0.1, 2.0]}
+    assert printed["model"]["gn_channels_per_group"] == 4 and "gn_groups" not in printed["model"]
+    assert printed["data"]["normalization"] == "auto"
+    # The dataclass defaults say the same as params.yaml.
+    assert Config().augment.crop_scale == (0.08, 1.0) and Config().augment.blur_sigma == (0.1, 2.0)
+    assert Config().model.gn_channels_per_group == 4 and Config().data.normalization == "auto"
+
+
+def test_augment_ranges_are_tuples_and_overridable() -> None:
+    cfg = load_config(PARAMS, "test", ["augment.crop_scale=[0.2, 1]", "augment.blur_sigma=[0.5, 1.5]"])
+    assert cfg.augment.crop_scale == (0.2, 1.0) and isinstance(cfg.augment.crop_scale[1], float)
+    assert cfg.augment.blur_sigma == (0.5, 1.5)
+    # Survives replace() (a dict round trip) and changes the hash of the augment section.
+    assert cfg.replace(**{"seed": 1}).augment == cfg.augment
+    assert config_hash(cfg, ("augment",)) != config_hash(load_config(PARAMS, "test"), ("augment",))
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("augment.crop_scale=[0.5, 0.2]", ["augment.crop_scale=[0.5, 0.2]", "0 < low <= high <= 1"]),
+        ("augment.crop_scale=[0, 1]", ["augment.crop_scale=[0.0, 1.0]", "0 < low <= high <= 1"]),
+        ("augment.crop_scale=[0.5, 1.5]", ["augment.crop_scale=[0.5, 1.5]", "0 < low <= high <= 1"]),
+        ("augment.crop_scale=0.5", ["augment.crop_scale=0.5", "a list [float, float]"]),
+        ("augment.crop_scale=[0.1, 0.5, 1]", ["augment.crop_scale=[0.1, 0.5, 1]", "a list [float, float]"]),
+        ("augment.blur_sigma=[a, 2]", ["augment.blur_sigma=['a', 2]", "a list [float, float]"]),
+        ("augment.blur_sigma=[0, 2]", ["augment.blur_sigma=[0.0, 2.0]", "0 < low <= high"]),
+        ("augment.blur_sigma=[2, 1]", ["augment.blur_sigma=[2.0, 1.0]", "0 < low <= high"]),
+        ("model.gn_channels_per_group=0", ["model.gn_channels_per_group=0", ">= 1"]),
+        ("model.gn_channels_per_group=3", ["model.gn_channels_per_group=3", "divide model.width=8"]),
+        ("data.normalization=imagenet", ["data.normalization='imagenet'", "'auto', 'dataset', 'reference'"]),
+    ],
+)
+def test_bad_recipe_values_name_the_key(override: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(PARAMS, "test", [override])
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_gn_channels_per_group_must_divide_every_profile_width() -> None:
+    for profile in ("test", "smoke", "cpu", "paper"):
+        cfg = load_config(PARAMS, profile)
+        assert cfg.model.width % cfg.model.gn_channels_per_group == 0
+    assert load_config(PARAMS, "test", ["model.width=4"]).model.gn_channels_per_group == 4
+    with pytest.raises(ConfigError, match="model.gn_channels_per_group=4 is invalid: must divide model.width=6"):
+        load_config(PARAMS, "test", ["model.width=6"])
+
+
+def test_old_gn_groups_key_is_unknown() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'model.gn_groups'"):
+        load_config(PARAMS, "test", ["model.gn_groups=32"])
+
+
+def _prepared(classes: list[str], train_per_class: int, test_per_class: int, mean: tuple[float, float, float]):
+    from mocosfl.data.prepare import PreparedData
+
+    k = len(classes)
+    empty = np.zeros((0, 32, 32, 3), dtype=np.uint8)  # pixels are not looked at, only labels and stats
+    return PreparedData(
+        train_x=empty,
+        train_y=np.repeat(np.arange(k), train_per_class),
+        test_x=empty,
+        test_y=np.repeat(np.arange(k), test_per_class),
+        classes=classes,
+        mean=mean,
+        std=(0.247, 0.243, 0.261),
+        path=Path("/nowhere"),
+    )
+
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN = (0.4919, 0.4827, 0.4472)  # the JPEG archive's own statistics
+
+
+def test_normalization_auto_uses_the_reference_constants_on_cifar10_only() -> None:
+    from mocosfl.data.prepare import REFERENCE_CIFAR10_MEAN, REFERENCE_CIFAR10_STD, is_cifar10, normalization
+
+    assert REFERENCE_CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and REFERENCE_CIFAR10_STD == (0.2023, 0.1994, 0.2010)
+    cifar = _prepared(CIFAR10, 5000, 1000, CIFAR10_MEAN)
+    assert is_cifar10(cifar)
+    auto = normalization(cifar, "auto")
+    assert (auto.mean, auto.std, auto.source) == (REFERENCE_CIFAR10_MEAN, REFERENCE_CIFAR10_STD, "reference")
+    dataset = normalization(cifar, "dataset")
+    assert (dataset.mean, dataset.std, dataset.source) == (cifar.mean, cifar.std, "dataset")
+    # Not CIFAR-10: other class names, sizes, or pixels -> auto falls back to the data's own statistics.
+    others = [
+        _prepared(CIFAR10[:9] + ["lorry"], 5000, 1000, CIFAR10_MEAN),
+        _prepared(CIFAR10, 500, 100, CIFAR10_MEAN),  # a 10% subset prepared as its own dataset
+        _prepared(CIFAR10, 5000, 1000, (0.45, 0.45, 0.45)),  # same names and sizes, other images
+        _prepared(["a", "b"], 10, 5, CIFAR10_MEAN),
+    ]
+    for data in others:
+        assert not is_cifar10(data)
+        assert normalization(data, "auto").source == "dataset"
+        assert normalization(data, "auto").mean == data.mean
+        # reference forces the constants on any data
+        assert normalization(data, "reference").mean == REFERENCE_CIFAR10_MEAN
+    with pytest.raises(ValueError, match="data.normalization='imagenet' is invalid"):
+        normalization(cifar, "imagenet")
+
+
+def test_normalization_on_the_real_archive(prepared: list[str]) -> None:
+    from mocosfl.data.prepare import REFERENCE_CIFAR10_MEAN, REFERENCE_CIFAR10_STD
+    from mocosfl.workflow import Dataset
+
+    cfg = load_config(PARAMS, "test", prepared)
+    ds = Dataset(cfg)
+    assert ds.normalization.source == "reference"
+    assert (ds.normalization.mean, ds.normalization.std) == (REFERENCE_CIFAR10_MEAN, REFERENCE_CIFAR10_STD)
+    own = Dataset(cfg.replace(**{"data.normalization": "dataset"})).normalization
+    assert own.source == "dataset" and own.mean == ds.prepared.mean

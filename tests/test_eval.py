@@ -94,41 +94,47 @@ def _blobs(n: int, seed: int, classes: int = 3, dim: int = 5) -> tuple[torch.Ten
 
 def test_linear_probe_learns_separable_blobs() -> None:
     xtr, ytr = _blobs(600, 0)
+    xva, yva = _blobs(150, 2)
     xte, yte = _blobs(300, 1)
-    res = linear_probe(xtr, ytr, xte, yte, 3, epochs=15, lr=1e-2, batch_size=64, val_fraction=0.2, seed=0)
+    res = linear_probe(xtr, ytr, xva, yva, xte, yte, 3, epochs=15, lr=1e-2, batch_size=64, seed=0)
     assert res.test_top1 > 90 and res.test_top1_final > 90 and res.val_top1 > 90
     assert 1 <= res.best_epoch <= 15
 
 
 def test_linear_probe_is_deterministic_given_seed() -> None:
     xtr, ytr = _blobs(300, 0)
+    xva, yva = _blobs(50, 2)
     xte, yte = _blobs(100, 1)
-    a = linear_probe(xtr, ytr, xte, yte, 3, epochs=5, lr=1e-2, batch_size=32, seed=3)
-    b = linear_probe(xtr, ytr, xte, yte, 3, epochs=5, lr=1e-2, batch_size=32, seed=3)
+    a = linear_probe(xtr, ytr, xva, yva, xte, yte, 3, epochs=5, lr=1e-2, batch_size=32, seed=3)
+    b = linear_probe(xtr, ytr, xva, yva, xte, yte, 3, epochs=5, lr=1e-2, batch_size=32, seed=3)
     assert a == b
 
 
 def test_linear_probe_selects_on_validation_not_test() -> None:
     # Noisy features and a large step: validation accuracy peaks early, so the chosen epoch is informative.
-    xtr, ytr = _blobs(200, 0)
-    xtr = xtr + 3.0 * torch.randn(xtr.shape, generator=torch.Generator().manual_seed(9))
+    x, y = _blobs(200, 0)
+    x = x + 3.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    xtr, ytr, xva, yva = x[:140], y[:140], x[140:], y[140:]
     xte, yte = _blobs(200, 1)
-    kw = dict(num_classes=3, epochs=10, lr=0.1, batch_size=16, val_fraction=0.3, seed=0)
-    res = linear_probe(xtr, ytr, xte, yte, **kw)
+    kw = dict(num_classes=3, epochs=10, lr=0.1, batch_size=16, seed=0)
+    res = linear_probe(xtr, ytr, xva, yva, xte, yte, **kw)
     assert 1 <= res.best_epoch < 10
-    # Arbitrary other test labels: selection (epoch, val accuracy) must not move.
+    # Arbitrary other test features and labels: selection (epoch, val accuracy) must not move.
     for s in range(3):
-        fake = torch.randint(0, 3, yte.shape, generator=torch.Generator().manual_seed(100 + s))
-        other = linear_probe(xtr, ytr, xte, fake, **kw)
+        g = torch.Generator().manual_seed(100 + s)
+        fake_x, fake_y = torch.randn(xte.shape, generator=g), torch.randint(0, 3, yte.shape, generator=g)
+        other = linear_probe(xtr, ytr, xva, yva, fake_x, fake_y, **kw)
         assert (other.best_epoch, other.val_top1) == (res.best_epoch, res.val_top1)
     # test_top1 is the test accuracy of the model at best_epoch: rerunning with exactly that many epochs
     # replays the same training (same seed), so its final accuracy is the reported one.
-    short = linear_probe(xtr, ytr, xte, yte, **{**kw, "epochs": res.best_epoch})
+    short = linear_probe(xtr, ytr, xva, yva, xte, yte, **{**kw, "epochs": res.best_epoch})
     assert short.test_top1_final == res.test_top1
     assert short.val_top1 == res.val_top1
 
 
-def test_linear_probe_needs_a_fit_split() -> None:
+def test_linear_probe_needs_train_and_val() -> None:
     x, y = _blobs(1, 0)
     with pytest.raises(ValueError, match="too few"):
-        linear_probe(x, y, x, y, 3, epochs=1)
+        linear_probe(x, y, x, y, x, y, 3, epochs=1)
+    with pytest.raises(ValueError, match="too few"):
+        linear_probe(*_blobs(10, 0), x[:0], y[:0], x, y, 3, epochs=1)

@@ -10,6 +10,8 @@ from torch import nn
 
 from mocosfl.models.resnet import (
     Encoder,
+    GroupNorm,
+    ProjectionHead,
     WSConv2d,
     build_split_model,
     client_stage_count,
@@ -40,7 +42,7 @@ def test_client_and_server_together_are_resnet18() -> None:
     client, server = build_split_model(64, 3, proj_hidden_dim=1024, proj_dim=1024)
     head = 512 * 1024 + 1024 + 1024 * 1024 + 1024
     assert count_params(client) + count_params(server) == resnet18_cifar + head
-    assert sum(count_params(s) for s in resnet18_stages(64, 32)) == resnet18_cifar
+    assert sum(count_params(s) for s in resnet18_stages(64, 4)) == resnet18_cifar
 
 
 def test_client_has_no_buffers() -> None:
@@ -90,13 +92,17 @@ def _ws(w: torch.Tensor) -> torch.Tensor:
     return (w - mean) / torch.sqrt(var + 1e-5)
 
 
-def _reference_features(p: dict[str, torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Plain CIFAR ResNet-18 (GN + WS): x [B, 3, H, W] -> [B, 8*width]. Consumes the parameters it uses from p."""
+def _reference_features(p: dict[str, torch.Tensor], x: torch.Tensor, channels_per_group: int = 4) -> torch.Tensor:
+    """Plain CIFAR ResNet-18 (GN + WS): x [B, 3, H, W] -> [B, 8*width]. Consumes the parameters it uses from p.
+
+    Every GroupNorm has channels // channels_per_group groups, as the reference's num_groups = planes // 4.
+    """
 
     def conv(h: torch.Tensor, name: str, stride: int, padding: int) -> torch.Tensor:
         return F.conv2d(h, _ws(p.pop(f"{name}.weight")), stride=stride, padding=padding)
 
     def gn(h: torch.Tensor, name: str) -> torch.Tensor:
+        groups = h.shape[1] // channels_per_group
         return F.group_norm(h, groups, p.pop(f"{name}.weight"), p.pop(f"{name}.bias"), eps=1e-5)
 
     h = F.relu(gn(conv(x.double(), "stem.conv", 1, 1), "stem.norm"))  # 3x3 stride 1, no max-pool
@@ -119,7 +125,7 @@ def _reference_head(p: dict[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor
 
 def _perturbed_split_model(width: int, cut: int) -> tuple[nn.Sequential, nn.Module]:
     torch.manual_seed(0)
-    client, server = build_split_model(width, cut, proj_hidden_dim=16, proj_dim=12, gn_groups=32)
+    client, server = build_split_model(width, cut, proj_hidden_dim=16, proj_dim=12, gn_channels_per_group=4)
     # Perturb every parameter so the GN affine params are not the trivial 1/0 init.
     with torch.no_grad():
         for param in list(client.parameters()) + list(server.parameters()):
@@ -135,8 +141,7 @@ def test_server_of_client_equals_unsplit_network(cut: int) -> None:
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     split_out = server(client(x))
     assert split_out.shape == (3, 12)
-    # Width 8: the 32 groups of width 64 scale to 4 (channels per group as at width 64).
-    ref = _reference_head(p, _reference_features(p, x, groups=4))
+    ref = _reference_head(p, _reference_features(p, x, channels_per_group=4))
     assert not p, f"parameters the reference ResNet-18 does not have: {sorted(p)}"
     torch.testing.assert_close(split_out.double(), ref, rtol=1e-4, atol=1e-5)
 
@@ -168,9 +173,8 @@ def test_encoder_output_dim(width: int) -> None:
     x = torch.randn(2, 3, 16, 16)  # layer4 output 2x2, so the pool is visibly an average
     out = enc(x)
     assert out.shape == (2, 8 * width) == (2, feature_dim(width))
-    # Width 4 and 8: 32 groups at width 64 scale to 2 and 4.
     p = _resnet_names(client, server)
-    ref = _reference_features(p, x, groups=width // 2)
+    ref = _reference_features(p, x, channels_per_group=4)
     assert sorted(p) == ["head.fc1.bias", "head.fc1.weight", "head.fc2.bias", "head.fc2.weight"]
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
@@ -214,32 +218,76 @@ def test_wsconv_is_invariant_to_weight_affine_rescale() -> None:
 
 
 @pytest.mark.parametrize(
-    "channels,groups_at_64,width,expected",
-    [
-        (64, 32, 64, 32),
-        (512, 32, 64, 32),
-        (8, 32, 8, 4),
-        (64, 32, 8, 4),
-        (16, 32, 16, 8),
-        (4, 32, 4, 2),
-        (4, 32, 1, 1),  # 32 * 1 // 64 = 0 -> at least one group
-        (12, 32, 16, 6),  # 8 groups do not divide 12 -> largest divisor below
-        (10, 32, 64, 10),
-    ],
+    "channels,per_group,expected",
+    [(64, 4, 16), (128, 4, 32), (256, 4, 64), (512, 4, 128), (8, 4, 2), (4, 4, 1), (16, 8, 2), (12, 1, 12)],
 )
-def test_group_norm_group_count(channels: int, groups_at_64: int, width: int, expected: int) -> None:
-    gn = group_norm(channels, groups_at_64, width)
+def test_group_norm_group_count(channels: int, per_group: int, expected: int) -> None:
+    gn = group_norm(channels, per_group)
     assert gn.num_groups == expected
     assert gn.num_channels == channels
 
 
-@pytest.mark.parametrize("width,groups", [(64, 32), (8, 4), (16, 8)])
-def test_every_norm_in_the_network_uses_the_scaled_group_count(width: int, groups: int) -> None:
-    client, server = build_split_model(width, 1, 16, 12, gn_groups=32)
+@pytest.mark.parametrize("channels,per_group", [(12, 8), (2, 4), (8, 0), (8, -4)])
+def test_group_norm_rejects_groups_that_do_not_divide(channels: int, per_group: int) -> None:
+    with pytest.raises(ValueError, match=f"model.gn_channels_per_group={per_group} is invalid"):
+        group_norm(channels, per_group)
+
+
+@pytest.mark.parametrize("width,groups", [(64, {16, 32, 64, 128}), (8, {2, 4, 8, 16}), (16, {4, 8, 16, 32})])
+def test_every_norm_has_four_channels_per_group(width: int, groups: set[int]) -> None:
+    client, server = build_split_model(width, 1, 16, 12)  # the default is the reference's 4 per group
     norms = [m for m in list(client.modules()) + list(server.modules()) if isinstance(m, nn.GroupNorm)]
     assert len(norms) == 1 + 8 * 2 + 3  # stem + two per block + three shortcut norms
-    assert all(m.num_groups == groups for m in norms)
+    assert all(m.num_groups * 4 == m.num_channels for m in norms)
+    assert {m.num_groups for m in norms} == groups
+    assert norms[0].num_groups == width // 4  # the stem too
+    shortcuts = [m for name, m in server.named_modules() if name.endswith("shortcut.1")]
+    assert [m.num_groups for m in shortcuts] == [width // 2, width, 2 * width]  # 2w, 4w, 8w channels // 4
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in server.modules())
+
+
+def test_width_not_divisible_by_channels_per_group_is_one_line_error() -> None:
+    with pytest.raises(ValueError, match=r"^model.gn_channels_per_group=3 is invalid: .*model.width=8$"):
+        build_split_model(8, 1, 16, 12, gn_channels_per_group=3)
+
+
+def test_stacked_group_norm_equals_one_norm_per_client() -> None:
+    # M clients folded into channels: a client's 4-channel groups never mix with another client's channels.
+    m, c = 3, 8
+    gn = group_norm(c)
+    weights = torch.randn(m, c, generator=torch.Generator().manual_seed(0))
+    biases = torch.randn(m, c, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, m * c, 5, 5, generator=torch.Generator().manual_seed(2)) * torch.arange(1, m * c + 1).view(
+        1, -1, 1, 1
+    )
+    stacked = torch.func.functional_call(gn, {"weight": weights, "bias": biases}, (x,))
+    loop = [F.group_norm(x[:, i * c : (i + 1) * c], c // 4, weights[i], biases[i], gn.eps) for i in range(m)]
+    assert isinstance(gn, GroupNorm)
+    torch.testing.assert_close(stacked, torch.cat(loop, dim=1), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- projection head init
+
+
+def test_projection_head_is_xavier_uniform_with_zero_bias() -> None:
+    # As the reference's init_weights: xavier_uniform_(gain=1) weights, zero biases. A uniform on
+    # [-b, b], b = sqrt(6 / (fan_in + fan_out)), has std b / sqrt(3); PyTorch's default Linear init
+    # (b = 1 / sqrt(fan_in)) would fail the bound and std checks for these shapes.
+    torch.manual_seed(0)
+    head = ProjectionHead(512, 1024, 256)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert len(linears) == 2
+    for lin in linears:
+        fan_out, fan_in = lin.weight.shape
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = lin.weight.detach().double()
+        assert w.abs().max() <= bound
+        assert w.abs().max() > 0.99 * bound  # fills the range
+        assert abs(w.std().item() - bound / 3**0.5) < 0.01 * bound
+        assert abs(w.mean().item()) < 0.01 * bound
+        assert torch.count_nonzero(lin.bias) == 0
+    client, server = build_split_model(8, 1, 32, 16)
+    assert torch.count_nonzero(server.head[0].bias) == 0 and torch.count_nonzero(server.head[2].bias) == 0
 
 
 # ---------------------------------------------------------------- errors
@@ -251,3 +299,29 @@ def test_invalid_cut_layers_raise(cut) -> None:
         build_split_model(8, cut)
     with pytest.raises(ValueError, match="cut_layers"):
         client_stage_count(cut)
+
+
+def test_encoder_files_round_trip_and_old_layout_is_a_clear_error(tmp_path) -> None:
+    from mocosfl.data.prepare import DataError
+    from mocosfl.workflow import ENCODER_FORMAT, load_encoder
+
+    client, server = build_split_model(8, 1, 16, 12)
+    model = {"width": 8, "cut_layers": 1, "gn_channels_per_group": 4, "proj_hidden_dim": 16, "proj_dim": 12}
+    payload = {
+        "format": ENCODER_FORMAT,
+        "model": model,
+        "client": client.state_dict(),
+        "backbone": server.backbone.state_dict(),
+        "image_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    }
+    torch.save(payload, tmp_path / "encoder.pt")
+    enc = load_encoder(tmp_path)
+    assert {m.num_groups for m in enc.modules() if isinstance(m, nn.GroupNorm)} == {2, 4, 8, 16}
+    # An encoder saved with the old group count (32 at width 64, scaled) cannot be rebuilt: GroupNorm's
+    # state dict does not hold the group count, so loading it silently would normalize differently.
+    old = {k: v for k, v in model.items() if k != "gn_channels_per_group"} | {"gn_groups": 32}
+    torch.save(payload | {"model": old}, tmp_path / "old.pt")
+    with pytest.raises(DataError, match=r"old GroupNorm layout \(model.gn_groups\); pretrain it again"):
+        load_encoder(tmp_path / "old.pt")

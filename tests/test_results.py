@@ -1,10 +1,13 @@
 """`mocosfl results` on the tiny test profile: every method end to end, the table and plots, equal budgets,
-skipping finished rows (keyed by resolved config, data and training code), MLflow parent + nested runs;
-plus the rendering helpers. The suites and row rules themselves: tests/test_experiments.py."""
+skipping finished runs (keyed by resolved config with its seed, data and training code), several seeds per
+row, MLflow parent + nested runs; plus the rendering helpers (mean ± std, CSV, coverage columns, header) and
+the claims rule. The suites and row rules themselves: tests/test_experiments.py."""
 
 from __future__ import annotations
 
 import csv
+import io
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from conftest import PARAMS, cli_args
 from mocosfl import identity
 from mocosfl.config import ConfigError, load_config
 from mocosfl.experiments import rows
-from mocosfl.experiments.suites import MAIN
+from mocosfl.experiments.suites import MAIN, SUITES, Row
 from pipelines import results as R
 
 
@@ -39,22 +42,27 @@ def test_main_suite_runs_every_method(suite) -> None:
     assert Path(out["markdown"]).name == "results-test.md"  # never the committed cpu table's name
     assert {Path(p).name for p in out["plots"]} == {"results-test-probe.png", "results-test-knn.png"}
     assert all(Path(p).stat().st_size > 0 for p in out["plots"])
-    assert any(line.startswith("estimated time for 7 runs") for line in log)
+    assert any(line.startswith("estimated time for 10 runs") for line in log)
     rows = _rows(out["csv"])
-    assert [r["label"] for r in rows] == [row.label for row in MAIN]
+    assert [r["label"] for r in rows] == [row.label for row in MAIN]  # the test profile: one seed per row
+    assert {(r["seed"], r["seeds"], r["linear_probe_top1_std"]) for r in rows} == {("0", "1", "")}
     assert {r["method"] for r in rows} == {"mocosfl", "central", "flmoco", "random"}
     by = {r["label"]: r for r in rows}
     trained = [r for r in rows if r["method"] != "random"]
     # Same budget: every trained method saw steps x B images (test profile: 8 x 20 clients x b=2).
     assert {(r["steps"], r["images_seen"]) for r in trained} == {("8", str(8 * 40))}
     assert by["random init"]["images_seen"] == "0"
+    # Coverage: 20 clients x b=2 over 8 steps reach some of the clients and at most 320 images; random init none.
+    assert 0 < int(by["MocoSFL"]["distinct_clients"]) <= 20
+    assert 0 < int(by["MocoSFL"]["distinct_images"]) <= 8 * 40
+    assert by["random init"]["distinct_clients"] == by["random init"]["distinct_images"] == ""
     fl = by["FL-MoCo"]
     assert (fl["clients_per_round"], fl["client_batch_size"]) == ("10", "4")
     for r in rows:
         assert 0 <= float(r["linear_probe_top1"]) <= 100 and 0 <= float(r["knn_top1"]) <= 100
-    # Sync periods at or beyond the 8 steps are one round: one run, reused.
-    never = {by[f"MocoSFL, {x}"]["key"] for x in ("sync every 50", "sync every 500", "never sync")}
-    assert len(never) == 1 and by["MocoSFL, never sync"]["sync_period"] == "8"
+    # Sync periods at or beyond the 8 steps mean only the final FedAvg, as "never": one run, reused.
+    never = {by[f"MocoSFL, {x}"]["key"] for x in ("sync every 10", "sync every 50", "never sync")}
+    assert len(never) == 1 and by["MocoSFL, never sync"]["sync_period"] == ""
     assert by["MocoSFL, sync every step"]["sync_period"] == "1"
     # Cost columns: central has no clients; cut 1 at width 8 on 32 px is 3 x 2 x 27 x 8 x 32 x 32 FLOPs/image.
     assert by["centralized MoCo"]["bytes_per_client"] == "" and by["centralized MoCo"]["client_params"] == ""
@@ -63,6 +71,7 @@ def test_main_suite_runs_every_method(suite) -> None:
     assert float(fl["bytes_per_client"]) > float(by["MocoSFL"]["bytes_per_client"]) > 0
     md = Path(out["markdown"]).read_text()
     assert "profile `test`" in md and "torch" in md and "CPUs" in md
+    assert f"training-code hash {identity.code_hash()}" in md and "| distinct clients | distinct images | seeds |" in md
     assert md.count("\n| ") == len(rows) + 1 and "## The paper's qualitative claims at this budget" in md
     assert "![results-test-probe.png](results-test-probe.png)" in md
 
@@ -119,7 +128,7 @@ def test_changed_evaluation_reruns_rows_but_reuses_pretraining(suite, monkeypatc
     monkeypatch.setattr(workflow, "make_trainer", boom)
     monkeypatch.setattr(rows, "_seconds_per_step", lambda r, ds: 0.0)
     out = R.run_suite(cfg, "main", log=lambda s: None)
-    assert out["ran"] == 7  # every distinct row evaluated again (its key covers `evaluate`), none retrained
+    assert out["ran"] == 10  # every distinct row evaluated again (its key covers `evaluate`), none retrained
     assert out["markdown"] == first["markdown"]
 
 
@@ -131,7 +140,7 @@ def test_unknown_suite_is_one_line_error(prepared, capsys) -> None:
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'nope'" in err and "main" in err and "paper" in err
-    with pytest.raises(ConfigError, match=r"unknown suite 'nope' \(known: main, full, paper\)"):
+    with pytest.raises(ConfigError, match=r"unknown suite 'nope' \(known: main, full, long, paper\)"):
         R.run_suite(load_config(PARAMS, "test", prepared), "nope")
 
 
@@ -161,33 +170,182 @@ def test_training_code_edit_reruns_every_row(suite, monkeypatch) -> None:
     monkeypatch.setattr(identity, "code_hash", lambda: "edited-code")
     with pytest.raises(Stop):
         R.run_suite(cfg, "main", log=lambda s: None)
-    assert todo == [7]  # every distinct row of the main suite
+    assert todo == [10]  # every distinct row of the main suite
 
 
-def _entry(label: str, probe: float, flops: float | None = None, mb: float | None = None) -> dict:
+@pytest.mark.slow
+def test_rows_run_per_seed_and_cache_each_seed(suite, monkeypatch) -> None:
+    """Two seeds per row: seed 0 is the main suite's cached run, seed 1 a run of its own, then cached too."""
+    cfg, _, _, _, _ = suite
+    two = [Row("MocoSFL", "mocosfl", "method", curve=True), Row("random init", "random", "method")]
+    monkeypatch.setitem(SUITES, "two", two)
+    out = R.run_suite(cfg, "two", log=lambda s: None, seeds=2)
+    assert (out["ran"], out["rows"], out["runs"]) == (2, 2, 4)
+    lines = _rows(out["csv"])
+    assert [(r["label"], r["seed"], r["seeds"]) for r in lines] == [
+        (label, seed, "2") for label in ("MocoSFL", "random init") for seed in ("0", "1")
+    ]
+    assert len({r["key"] for r in lines}) == 4
+    moco = [r for r in lines if r["label"] == "MocoSFL"]
+    a, b = (float(r["linear_probe_top1"]) for r in moco)
+    assert float(moco[1]["linear_probe_top1_mean"]) == pytest.approx((a + b) / 2)
+    assert float(moco[1]["linear_probe_top1_std"]) == pytest.approx(abs(a - b) / 2**0.5)  # ddof=1
+    md = Path(out["markdown"]).read_text()
+    assert f"| {(a + b) / 2:.2f} ± {abs(a - b) / 2**0.5:.2f} |" in md
+    assert R.run_suite(cfg, "two", log=lambda s: None, seeds=2)["ran"] == 0
+    with pytest.raises(ConfigError, match="--seeds 0 is invalid"):
+        R.run_suite(cfg, "two", seeds=0)
+
+
+def _run(label: str, probe: float, seed: int = 0, **extra: object) -> dict:
+    """One (row, seed) entry as ``rows.run_row`` returns it, with made-up numbers."""
+    return {
+        "label": label,
+        "group": "method",
+        "method": "random" if "random" in label else "mocosfl",
+        "seed": seed,
+        "key": f"{label}-{seed}",
+        "num_clients": 1000,
+        "partition": "noniid-shards",
+        "cut_layers": 1,
+        "sync_period": 50,
+        "never_sync": False,
+        "clients_per_round": 100,
+        "client_batch_size": 1,
+        "batch_size": 100,
+        "queue": "6000 shared",
+        "width": 16,
+        "steps": 500,
+        "images_seen": 50_000,
+        "knn_top1": probe - 4,
+        "linear_probe_top1": probe,
+        "linear_probe_top1_final_epoch": probe,
+        "client_params": 464,
+        "bytes_per_client": 1e6,
+        "client_flops_per_image": 2e6,
+        "train_seconds": 60.0,
+        "eval_seconds": 30.0,
+        "wall_seconds": 90.0,
+        "knn_history": [{"step": 250, "knn_top1": probe - 10}, {"step": 500, "knn_top1": probe - 4}],
+        **extra,
+    }
+
+
+def _runs() -> list[dict]:
+    """MocoSFL at three seeds (new results, with coverage counts), random init at one (an old cached result)."""
+    moco = [_run("MocoSFL", p, s, distinct_clients=640 + s, distinct_images=32_000) for s, p in enumerate((59, 60, 61))]
+    return moco + [_run("random init", 20.0)]
+
+
+def test_mean_std_formatting() -> None:
+    assert R.mean_std([59.0, 60.0, 61.0]) == (60.0, 1.0)  # sample std (ddof=1)
+    assert R.mean_std([42.0]) == (42.0, None)
+    assert R.pm(37.734, 0.4149) == "37.73 ± 0.41"
+    assert R.pm(37.7, None) == "37.70" and R.pm(None, None) == "—"
+
+
+def test_table_shows_mean_std_seeds_and_coverage() -> None:
+    moco, rnd = R.aggregate(_runs())
+    assert (moco["seeds"], moco["linear_probe_top1"], moco["linear_probe_top1_std"]) == (3, 60.0, 1.0)
+    assert (rnd["seeds"], rnd["linear_probe_top1_std"]) == (1, None)
+    cells = dict(zip(R.COLUMNS, R.table_cells(moco), strict=True))
+    assert (
+        cells["seeds"] == "3" and cells["linear-probe top-1"] == "60.00 ± 1.00" and cells["kNN top-1"] == "56.00 ± 1.00"
+    )
+    assert (cells["distinct clients"], cells["distinct images"]) == ("641", "32,000")  # means over seeds
+    cells = dict(zip(R.COLUMNS, R.table_cells(rnd), strict=True))
+    assert cells["seeds"] == "1 seed" and cells["linear-probe top-1"] == "20.00"
+    assert cells["distinct clients"] == cells["distinct images"] == "—"  # a result from before the counts
+
+
+def test_csv_has_a_line_per_seed_and_the_rows_aggregate() -> None:
+    import pandas as pd
+
+    df = pd.read_csv(io.StringIO(R.csv_text(_runs())))
+    assert list(zip(df["label"], df["seed"], strict=True)) == [("MocoSFL", s) for s in range(3)] + [("random init", 0)]
+    table = df.drop_duplicates("label").set_index("label")
+    assert table.loc["MocoSFL", "linear_probe_top1_mean"] == 60.0 and table.loc["MocoSFL", "seeds"] == 3
+    assert table.loc["MocoSFL", "linear_probe_top1_std"] == 1.0 and pd.isna(table.loc["random init", "knn_top1_std"])
+    assert pd.isna(table.loc["random init", "distinct_images"]) and df["distinct_clients"].iloc[2] == 642
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_header_names_commit_code_hash_dirty_training_code_and_wall_time(tmp_path, tmp_path_factory) -> None:
+    (tmp_path / "mocosfl").mkdir()
+    (tmp_path / "mocosfl" / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("notes\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "first")
+    sha = _git(tmp_path, "rev-parse", "HEAD")
+    clean = R.code_line(tmp_path)
+    assert clean.startswith(f"git {sha[:10]}; training-code hash {identity.code_hash()}") and "dirty" not in clean
+    (tmp_path / "README.md").write_text("edited\n")  # outside mocosfl/: the training code is as committed
+    assert "dirty" not in R.code_line(tmp_path)
+    (tmp_path / "mocosfl" / "b.py").write_text("y = 2\n")  # a new module is training code too
+    assert f"git {sha[:10]} **dirty** (uncommitted changes under mocosfl/)" in R.code_line(tmp_path)
+    assert R.training_code_dirty(tmp_path_factory.mktemp("not-git")) is None
+
+    md = R.markdown(load_config(PARAMS, "test"), "main", _runs(), "results-test", 150.0, [])
+    assert f"- Code: {R.code_line()}." in md and "one run per row" not in md
+    assert "Wall time: 6.0 min, the sum of the 4 distinct runs' measured training + evaluation times" in md
+    assert "this invocation took 2.5 min" in md and "mean ± sample std (ddof=1)" in md
+    assert "| MocoSFL | 1000 | 100 x 1 | noniid-shards | 1 | 50 | 6000 shared | 500 | 50,000 | 641 | 32,000 | 3 |" in md
+
+
+def _row(label: str, probe: float, std: float | None, flops: float | None = None, mb: float | None = None) -> dict:
+    """An aggregated table row: mean and std (None for one seed) of the linear probe."""
     return {
         "label": label,
         "linear_probe_top1": probe,
+        "linear_probe_top1_std": std,
         "client_flops_per_image": flops,
         "bytes_per_client": None if mb is None else mb * 1e6,
     }
 
 
-def test_claims_state_support_and_its_absence() -> None:
+def test_verdict_needs_a_difference_beyond_both_stds() -> None:
+    assert R.verdict(60.0, 0.5, 58.0, 0.5) == R.SUPPORTED  # +2 > 1
+    assert R.verdict(60.0, 1.5, 58.0, 1.0) == R.NOT_RESOLVED  # +2 < 2.5
+    assert R.verdict(56.0, 0.5, 58.0, 0.5) == R.NOT_SUPPORTED  # -2, beyond 1 the wrong way
+    assert R.verdict(58.0, 0.0, 58.0, 0.0) == R.NOT_RESOLVED  # no difference is no evidence
+    assert R.verdict(70.0, None, 50.0, 0.5) == R.verdict(70.0, 0.5, 50.0, None) == R.ONE_SEED
+    # "Within 2 points": a - b + 2 against the noise.
+    assert R.verdict(60.0, 0.2, 61.5, 0.2, margin=2.0) == R.SUPPORTED
+    assert R.verdict(60.0, 0.2, 63.0, 0.2, margin=2.0) == R.NOT_SUPPORTED
+    assert R.verdict(60.0, 0.5, 62.5, 0.5, margin=2.0) == R.NOT_RESOLVED
+
+
+def test_claims_state_support_its_absence_and_unresolved() -> None:
     entries = [
-        _entry("MocoSFL", 60.0, 2e6, 10.0),
-        _entry("centralized MoCo", 63.0),
-        _entry("FL-MoCo", 61.0, 5e8, 30.0),
-        _entry("random init", 35.0),
-        _entry("MocoSFL, no feature sharing", 55.0),
-        _entry("MocoSFL, sync every step", 59.0),
-        _entry("MocoSFL, sync every 50", 60.0),
-        _entry("MocoSFL, never sync", 61.0),
+        _row("MocoSFL", 60.0, 0.5, 2e6, 10.0),
+        _row("centralized MoCo", 63.0, 0.4),
+        _row("FL-MoCo", 45.0, 1.0, 5e8, 30.0),
+        _row("random init", 59.5, 0.5),
+        _row("MocoSFL, no feature sharing", 55.0, 0.5),
+        _row("MocoSFL, sync every step", 59.0, None),
+        _row("MocoSFL, sync every 10", 60.0, None),
+        _row("MocoSFL, never sync", 61.0, None),
     ]
     text = "\n".join(R.claims(entries))
-    assert "matches centralized MoCo at equal budget (within 2 points): **not supported** — 60.00 vs 63.00" in text
+    assert (
+        "matches centralized MoCo at equal budget (within 2 points): **not supported** — MocoSFL 60.00 ± 0.50 "
+        "vs centralized MoCo 63.00 ± 0.40 (Δ -3.00, std sum 0.90)." in text
+    )
     assert "Feature sharing (one shared queue) helps on this partition: **supported**" in text
-    assert "Frequent synchronization beats never syncing: **not supported**" in text
-    assert "MocoSFL beats FL-MoCo at the same images seen: **not supported**" in text
-    assert "random-init floor: **supported**" in text and "(250x less)" in text
-    assert R.claims([_entry("MocoSFL", 60.0)]) == []
+    assert (
+        "beats never: **not resolved (one seed)** — MocoSFL, sync every 10 60.00 vs MocoSFL, never sync 61.00" in text
+    )
+    assert "MocoSFL beats FL-MoCo at the same images seen: **supported**" in text
+    assert "random-init floor: **not resolved at this budget**" in text and "(250x less)" in text
+    assert R.claims([_row("MocoSFL", 60.0, 0.5)]) == []

@@ -35,8 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(**over) -> Config:
-    # test profile: width 8, proj 64 -> 32, b = 2, sync_period 3, queue 128, 8 steps.
-    base = {"data.image_size": SIZE, "partition.num_clients": N}
+    # test profile: width 8, proj 64 -> 32, b = 2, sync_period 3, queue 128, 8 steps. Unless a test says
+    # otherwise, participants are re-sampled at every sync (sampling round = sync period).
+    base = {"data.image_size": SIZE, "partition.num_clients": N, "sfl.sample_period": over.get("sfl.sync_period", 3)}
     return load_config(PARAMS, "test").replace(**{**base, **over})
 
 
@@ -249,24 +250,25 @@ def test_mid_round_client_params_are_what_a_sync_would_give() -> None:
     tr.advance()
     assert tr.round_ids is not None
     now = clone(tr.current_params())
-    tr.end_round()
+    tr.sync()
     for name, v in tr.global_params.items():
         torch.testing.assert_close(now[name], v, rtol=1e-6, atol=1e-7)
 
 
-def test_sync_now_ends_the_open_round_or_opens_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_now_syncs_the_open_round_or_opens_one() -> None:
     # The bench times syncs through this public API instead of the round internals.
     tr = make(**{"sfl.clients_per_round": 4})
-    seen = spy_end_round(tr, monkeypatch)
     tr.advance()
-    assert tr.round_open and not seen
+    assert tr.round_open and not tr.synced_last_step
+    trained = clone(tr.p)
     assert tr.sync_now() == tr.last_sync_seconds >= 0.0
-    assert not tr.round_open and len(seen) == 1 and tr.step == 1
-    for name, v in seen[0]["p"].items():
+    assert tr.round_open and tr.step == 1  # the participants carry on from the synced model
+    for name, v in trained.items():
         torch.testing.assert_close(tr.global_params[name], v.mean(dim=0), rtol=1e-6, atol=1e-7)
+        assert all(torch.equal(tr.p[name][i].detach(), tr.global_params[name]) for i in range(4))
+    tr.end_round()
     before = clone(tr.global_params)
     tr.sync_now()  # no round open: round 0 is opened again and synced untrained
-    assert not tr.round_open and len(seen) == 2 and torch.equal(seen[1]["ids"], seen[0]["ids"])
     for name, v in before.items():
         torch.testing.assert_close(tr.global_params[name], v, rtol=1e-6, atol=1e-7)
 
@@ -375,6 +377,16 @@ VARIANTS = {
         "sfl.client_state_dtype": "bfloat16",
         "sfl.client_state_storage": "file",
     },
+    "rounds of 3 ending between syncs every 5": {
+        "sfl.clients_per_round": 4,
+        "sfl.sync_period": 5,
+        "sfl.sample_period": 3,
+    },
+}
+BANKS = {
+    "sampled+stateful+unsynced+private-queues": ["momentum_bank", "target_bank"],
+    "stateful+unsynced, bfloat16 state in a file": ["momentum_bank", "target_bank"],
+    "rounds of 3 ending between syncs every 5": ["unsynced_bank"],
 }
 
 
@@ -391,7 +403,7 @@ def test_resume_is_bit_identical(variant: str, stop: int, tmp_path: Path) -> Non
     state = roundtrip(first.state_dict(), tmp_path)
     del first
     banks = sorted(p.name.split(".")[1] for p in tmp_path.glob("*.npy"))
-    assert banks == (["momentum_bank", "target_bank"] if "stateful" in variant else [])
+    assert banks == BANKS.get(variant, [])
 
     resumed = make(**over)
     resumed.load_state_dict(state)
@@ -471,3 +483,113 @@ def test_nan_loss_raises_training_diverged() -> None:
         for _ in range(8):
             tr.advance()
     assert tr.step < 8
+
+
+# ---------------------------------------------------------------- sampling rounds vs syncs
+
+
+def test_plan_sample_period_auto_and_never_sync() -> None:
+    tr = make(**{"sfl.sample_period": "auto", "sfl.sync_period": "never"})
+    assert tr.plan.sample_period == 12  # one pass over a 24-image shard at b = 2
+    assert tr.plan.sync_period is None and tr.summary()["sync_period"] is None
+
+
+def expected_fedavg(tr: MocoSFLTrainer) -> C.Params:
+    """FedAvg by hand of every client trained since the last sync, weighted by its steps since then."""
+    live = tr.round_ids.tolist() if tr.round_ids is not None else []
+    models: dict[int, C.Params] = {i: {k: v[j].detach() for k, v in tr.p.items()} for j, i in enumerate(live)}
+    bank = tr.unsynced_bank.tensors if tr.unsynced_bank is not None else {}
+    for i in np.flatnonzero(tr.steps_since_sync):
+        if int(i) not in models:
+            models[int(i)] = {k: bank[f"p.{k}"][i] for k in tr.global_params}
+    w = {i: float(tr.steps_since_sync[i]) for i in models}
+    total = sum(w.values())
+    return {k: sum(w[i] / total * m[k].double() for i, m in models.items()).float() for k in tr.global_params}
+
+
+def test_clients_leaving_unsynced_resume_their_own_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rounds of 2 steps, FedAvg every 6: rounds 0 and 1 end without a sync.
+    tr = make(**{"sfl.clients_per_round": 6, "sfl.sample_period": 2, "sfl.sync_period": 6})
+    init = clone(tr.global_params)
+    seen = spy_end_round(tr, monkeypatch)
+    tr.advance()
+    tr.advance()
+    assert tr.round_ids is None and not tr.synced_last_step and tr.unsynced_bank is not None
+    ids0, p0, t0, mom0 = seen[0]["ids"], seen[0]["p"], seen[0]["t"], seen[0]["mom"]
+    assert all(torch.equal(tr.global_params[k], init[k]) for k in init)  # no FedAvg yet
+    assert set(np.flatnonzero(tr.steps_since_sync).tolist()) == set(ids0.tolist())
+
+    tr.begin_round(1)
+    ids1 = tr.round_ids.tolist()
+    back = [i for i in ids1 if i in ids0.tolist()]
+    assert back and len(back) < len(ids1)  # 6 of 8 twice: some return, some are new
+    for j, i in enumerate(ids1):
+        for k in init:
+            if i in back:  # its own model, target and momentum from round 0
+                src = ids0.tolist().index(i)
+                assert torch.equal(tr.p[k][j].detach(), p0[k][src])
+                assert torch.equal(tr.t[k][j], t0[k][src]) and torch.equal(tr.mom[k][j], mom0[k][src])
+            else:
+                assert torch.equal(tr.p[k][j].detach(), init[k]) and not tr.mom[k][j].any()
+
+    # The sync at step 6 averages round 2's participants and everyone still away with a newer model.
+    captured: list[C.Params] = []
+    original = tr.sync
+
+    def spy_sync(round_continues: bool = True) -> None:
+        captured.append(expected_fedavg(tr))
+        original(round_continues)
+
+    monkeypatch.setattr(tr, "sync", spy_sync)
+    while tr.step < 6:
+        tr.advance()
+    assert len(captured) == 1 and tr.synced_last_step and not tr.steps_since_sync.any()
+    for k, v in captured[0].items():
+        torch.testing.assert_close(tr.global_params[k], v, rtol=1e-6, atol=1e-7)
+    tr.begin_round(3)  # after a sync everyone starts from the global model
+    for k, v in tr.p.items():
+        assert all(torch.equal(v[j].detach(), tr.global_params[k]) for j in range(len(tr.round_ids)))
+
+
+def test_never_sync_evaluates_the_fedavg_of_every_trained_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = make(**{"sfl.clients_per_round": 3, "sfl.sample_period": 2, "sfl.sync_period": "never"})
+    init = clone(tr.global_params)
+    captured: list[C.Params] = []
+    original = tr.sync
+
+    def spy_sync(round_continues: bool = True) -> None:
+        captured.append(expected_fedavg(tr))
+        original(round_continues)
+
+    monkeypatch.setattr(tr, "sync", spy_sync)
+    tr.run()
+    assert len(captured) == 1  # only after the last step
+    trained = {int(c) for r in range(4) for c in C_sample(tr, r)}
+    assert tr.summary()["distinct_clients"] == len(trained) > 3
+    for k, v in captured[0].items():
+        torch.testing.assert_close(tr.global_params[k], v, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(tr.global_params[k], init[k])
+
+
+def C_sample(tr: MocoSFLTrainer, r: int) -> np.ndarray:
+    from mocosfl.sfl.loop import sample_participants
+
+    return sample_participants(tr.plan, tr.cfg.seed, r)
+
+
+def test_distinct_clients_and_images_count_what_was_trained_on() -> None:
+    from mocosfl.sfl.loop import round_order, step_samples
+
+    tr = make(**{"sfl.clients_per_round": 3, "sfl.sample_period": 2, "sfl.sync_period": 4})
+    tr.run()
+    plan, clients, images = tr.plan, set(), set()
+    for s in range(plan.total_steps):
+        r = s // plan.sample_period
+        ids = C_sample(tr, r)
+        clients |= set(ids.tolist())
+        order = round_order(SHARDS, ids, tr.cfg.seed, r)
+        images |= set(step_samples(order, s % plan.sample_period, plan.client_batch_size).tolist())
+    s = tr.summary()
+    assert (s["distinct_clients"], s["distinct_images"]) == (len(clients), len(images))
+    # A client sampled twice re-reads part of its shard, so fewer distinct images than images seen.
+    assert len(clients) > plan.clients_per_round and 0 < len(images) <= plan.total_steps * plan.batch_size

@@ -74,7 +74,7 @@ def test_study_with_mlflow(study):
         assert {"sync_period", "queue_size", "sfl.sync_period"} <= set(run.data.params)
         assert client.get_metric_history(run.info.run_id, "knn_top1")  # intermediate values
         if run.data.tags["trial_state"] == "COMPLETE":
-            assert "objective_knn_top1" in run.data.metrics
+            assert "objective_val_knn_top1" in run.data.metrics
 
 
 def test_every_trial_pruned(prepared, tmp_path, monkeypatch, one_thread):
@@ -112,3 +112,49 @@ def test_extend_study(prepared, study, one_thread):
     assert extended["n_trials"] == 4 and len(extended["trials"]) == 4
     assert [t["number"] for t in extended["trials"]] == [0, 1, 2, 3]
     assert extended["trials"][:3] == first["trials"]
+
+
+def _fake_test_images(cfg, root: Path, noise: bool):
+    """``cfg`` on a copy of its prepared data whose test images are noise with shuffled labels (or the real ones)."""
+    import numpy as np
+
+    from mocosfl.data.prepare import prepared_path
+
+    src = prepared_path(cfg.data.source, cfg.data.prepared_dir, cfg.data.image_size)
+    dst = prepared_path(cfg.data.source, root / "prepared", cfg.data.image_size)
+    dst.mkdir(parents=True)
+    keep = ("train_x.npy", "train_y.npy", "meta.json") + (() if noise else ("test_x.npy", "test_y.npy"))
+    for name in keep:
+        (dst / name).symlink_to(src / name)
+    if noise:
+        g = np.random.default_rng(7)
+        shape = np.load(src / "test_x.npy", mmap_mode="r").shape
+        np.save(dst / "test_x.npy", g.integers(0, 256, shape, dtype=np.uint8))
+        np.save(dst / "test_y.npy", g.permutation(np.load(src / "test_y.npy")))
+    where = {"data.prepared_dir": root / "prepared", "partition.out_dir": root / "partitions"}
+    where |= {"pretrain.runs_dir": root / "runs", "metrics_dir": root / "metrics", "tune.out_dir": root / "tune"}
+    return cfg.replace(**{k: str(v) for k, v in where.items()})
+
+
+def test_objective_never_reads_test_images(prepared, tmp_path, one_thread):
+    """The same trial scores the same with the test images replaced by noise; the test numbers do move."""
+    import optuna
+
+    from mocosfl import workflow
+    from mocosfl.config import load_config
+    from pipelines.tune import make_objective, trial_config
+    from tests.conftest import PARAMS
+
+    base = load_config(PARAMS, "test", prepared)
+    values, test_knn, runs = [], [], set()
+    for noise in (False, True):
+        cfg = _fake_test_images(base, tmp_path / str(noise), noise)
+        workflow.ensure_partition(cfg)  # what run_study does before the trials
+        trial = optuna.trial.FixedTrial({"sync_period": 2, "queue_size": 256})
+        values.append(make_objective(cfg)(trial))
+        trial_cfg = trial_config(cfg, trial)
+        runs.add(workflow.run_dir(trial_cfg, workflow.Dataset(trial_cfg), workflow.shards_path(trial_cfg)).name)
+        test_knn.append(workflow.evaluate(trial_cfg)["knn_top1"])
+    assert len(runs) == 2  # other test data, other run: the second trial trained afresh, not from cache
+    assert test_knn[0] != test_knn[1]  # the swap reached the test set ...
+    assert values[0] == values[1]  # ... and not the objective

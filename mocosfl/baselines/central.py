@@ -40,7 +40,9 @@ class CentralMoco:
         torch.set_flush_denormal(True)  # as in MocoSFLTrainer: subnormals slow CPU convolutions ~10x
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+        client, server = build_split_model(
+            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
+        )
         # The whole network is the "server" and the smashed data are the images themselves.
         self.model = ServerModel(Encoder(client, server.backbone), server.head).to(self.device)
         self.target = copy.deepcopy(self.model).requires_grad_(False)
@@ -55,7 +57,9 @@ class CentralMoco:
         self.queue = KeyQueue(
             cfg.moco.queue_size, m.proj_dim, torch_generator(cfg.seed, Stream.QUEUE_INIT), self.device
         )
-        self.augment = MocoV2Augment(cfg.data.image_size, mean, std)
+        self.augment = MocoV2Augment(
+            cfg.data.image_size, mean, std, scale=cfg.augment.crop_scale, blur_sigma=cfg.augment.blur_sigma
+        )
         self.step = 0
 
     def train_step(self, images: np.ndarray) -> float:
@@ -110,7 +114,9 @@ class CentralTrainer(TrainLoop):
     def advance(self) -> float:
         t0 = time.perf_counter()
         self.moco.step = self.step
-        loss = self.moco.train_step(self.train_x[self.batch_indices(self.step)])
+        idx = self.batch_indices(self.step)
+        self.seen_images[idx] = True
+        loss = self.moco.train_step(self.train_x[idx])
         check_finite(loss, self.step)
         self.step += 1
         self.train_seconds += time.perf_counter() - t0
@@ -140,6 +146,7 @@ class CentralTrainer(TrainLoop):
         # num_clients and batch_size are the MocoSFL plan's whose budget this run matches.
         return super().summary() | {
             "sync_period": None,
+            "distinct_clients": None,  # the pooled images, not clients
             "client_params": None,
             "server_params": count_params(self.moco.model),
             "bytes_per_client": None,

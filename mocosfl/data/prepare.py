@@ -54,6 +54,45 @@ class PreparedData:
     content_hash: str = ""  # sha256 of the arrays' bytes, recorded by prepare: the data's identity
 
 
+# The reference code's CIFAR-10 constants (its datasets.py). The std is smaller than the pixel std over the
+# training set (0.247, 0.243, 0.261), as in many CIFAR codebases; used as is so inputs scale as in the reference.
+REFERENCE_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+REFERENCE_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NORMALIZATIONS = ("auto", "dataset", "reference")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean/std that inputs are normalized with, and where they come from."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str  # "reference" (the reference code's CIFAR-10 constants) or "dataset" (train-set statistics)
+
+
+def is_cifar10(data: PreparedData) -> bool:
+    """CIFAR-10 by its content: its 10 class names, 5000 train / 1000 test images per class, and a train-set
+    mean within 0.01 of CIFAR-10's (a decoded or resized copy keeps it; another dataset with those names would not)."""
+    if tuple(c.lower() for c in data.classes) != CIFAR10_CLASSES:
+        return False
+    train_counts = np.bincount(np.asarray(data.train_y), minlength=10)
+    test_counts = np.bincount(np.asarray(data.test_y), minlength=10)
+    if not ((train_counts == 5000).all() and (test_counts == 1000).all()):
+        return False
+    return bool(np.allclose(data.mean, REFERENCE_CIFAR10_MEAN, atol=0.01))
+
+
+def normalization(data: PreparedData, choice: str = "auto") -> Normalization:
+    """The normalization of ``data.normalization``: ``reference`` = the reference code's CIFAR-10 constants (on any
+    data), ``dataset`` = the prepared training set's statistics, ``auto`` = reference when ``data`` is CIFAR-10."""
+    if choice not in NORMALIZATIONS:
+        raise ValueError(f"data.normalization={choice!r} is invalid: allowed {', '.join(map(repr, NORMALIZATIONS))}")
+    if choice == "reference" or (choice == "auto" and is_cifar10(data)):
+        return Normalization(REFERENCE_CIFAR10_MEAN, REFERENCE_CIFAR10_STD, "reference")
+    return Normalization(data.mean, data.std, "dataset")
+
+
 @dataclass
 class _Plan:
     """What a source holds, known before any pixel is decoded."""

@@ -1,6 +1,6 @@
 """Linear probe on frozen features: one linear layer trained with labels (Adam, the reference's recipe).
 
-The epoch is selected on a validation split carved from train, never on test.
+The epoch is selected on the validation images (``data.val_size``, carved from train), never on test.
 """
 
 from __future__ import annotations
@@ -27,28 +27,29 @@ def _accuracy(w: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 def linear_probe(
     train_f: torch.Tensor,
     train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    val_y: torch.Tensor,
     test_f: torch.Tensor,
     test_y: torch.Tensor,
     num_classes: int,
     epochs: int = 100,
     lr: float = 1e-3,
     batch_size: int = 256,
-    val_fraction: float = 0.1,
     seed: int = 0,
 ) -> ProbeResult:
-    """Train a linear classifier on features [N, F]; return test accuracy (percent)."""
+    """Fit a linear classifier on train features, pick the epoch on val, report test accuracy (percent).
+
+    Shape: train_f [N, F], val_f [V, F], test_f [T, F]; labels [N], [V], [T].
+    """
+    if len(train_f) < 2 or len(val_f) < 1:
+        raise ValueError(f"too few features for a probe: {len(train_f)} train, {len(val_f)} validation")
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(train_f), generator=g)
-    n_val = max(1, int(round(val_fraction * len(train_f))))
-    val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    if len(fit_idx) == 0:
-        raise ValueError("too few training features for a validation split")
     # Standardise with training statistics: an affine map, so separability is unchanged,
     # but Adam converges far faster on narrow encoders' features.
-    mu = train_f[fit_idx].mean(dim=0)
-    sd = train_f[fit_idx].std(dim=0).clamp_min(1e-6)
-    x_fit, y_fit = (train_f[fit_idx] - mu) / sd, train_y[fit_idx]
-    x_val, y_val = (train_f[val_idx] - mu) / sd, train_y[val_idx]
+    mu = train_f.mean(dim=0)
+    sd = train_f.std(dim=0).clamp_min(1e-6)
+    x_fit, y_fit = (train_f - mu) / sd, train_y
+    x_val, y_val = (val_f - mu) / sd, val_y
     x_test = (test_f - mu) / sd
 
     torch.manual_seed(seed)

@@ -1,7 +1,8 @@
 """What a suite row means: its resolved config, plan and cache key, how it runs, and what it will cost.
 
 ``resolve`` applies a row's overrides and the suite rules (never sync, FL-MoCo's participants, random
-init); ``run_row`` pretrains and evaluates it into one table entry; ``estimate`` times a few steps first.
+init) for one of its seeds; ``run_row`` pretrains and evaluates it into one table entry; ``estimate``
+times a few steps first.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from mocosfl.config import Config, ConfigError, config_hash
 from mocosfl.costs import client_cost
 from mocosfl.eval.knn import extract_features
 from mocosfl.eval.linear import linear_probe
-from mocosfl.experiments.suites import NEVER, Row
+from mocosfl.experiments.suites import NEVER, ONE_SEED_PROFILES, Row
 from mocosfl.models.resnet import Encoder, build_split_model, feature_dim
 from mocosfl.sfl.server import local_queue_size
 from mocosfl.sfl.trainer import Plan, resolve_device, resolve_plan
 
 # The config sections a row's result depends on (its cache key); paths and tracking are left out.
-ROW_SECTIONS = ("seed", "data", "partition", "model", "sfl", "moco", "pretrain", "evaluate")
+ROW_SECTIONS = ("seed", "data", "partition", "model", "augment", "sfl", "moco", "pretrain", "evaluate")
 
 
 @dataclass
@@ -63,14 +64,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def resolve(base: Config, row: Row, suite: str) -> Resolved:
-    """Apply a row's overrides, partition its data if needed and fix its plan.
+def seed_count(row: Row, profile: str, override: int | None = None) -> int:
+    """How many seeds a row runs: ``override`` (``--seeds``) if given, one on quick-check profiles, else the row's."""
+    if override is not None:
+        return override
+    return 1 if profile in ONE_SEED_PROFILES else row.seeds
 
-    A sync period at or beyond the run's last step is one round for the whole run, so it is set to the
-    step count: "never", 500 and 50 at 8 steps are then the same run and computed once.
+
+def resolve(base: Config, row: Row, suite: str, seed_offset: int = 0) -> Resolved:
+    """Apply a row's overrides at seed ``base.seed + seed_offset``, partition its data if needed, fix its plan.
+
+    The seed is part of the resolved config, so each seed has its own partition, run and cache key.
+    A sync period at or beyond the run's last step means only the FedAvg after the last step, which is
+    what "never" does, so it is set to "never": "never", 500 and 50 at 8 steps are then one run, computed once.
     """
-    over = {k: v for k, v in row.overrides.items() if v != NEVER}
-    over["metrics_dir"] = str(results_dir(base) / suite / _slug(row.label))
+    over = dict(row.overrides)
+    over["seed"] = base.seed + seed_offset
+    over["metrics_dir"] = str(results_dir(base) / suite / _slug(row.label) / f"seed-{base.seed + seed_offset}")
     if row.method == "random":
         over["evaluate.encoder"] = "random"
     cfg = base.replace(**over)
@@ -90,8 +100,9 @@ def resolve(base: Config, row: Row, suite: str) -> Resolved:
         cfg = cfg.replace(
             **{"sfl.clients_per_round": row.fl_clients, "sfl.client_batch_size": plan.batch_size // row.fl_clients}
         )
-    never = row.overrides.get("sfl.sync_period") == NEVER
-    cfg = cfg.replace(**{"sfl.sync_period": plan.total_steps if never else min(cfg.sfl.sync_period, plan.total_steps)})
+        plan = resolve_plan(cfg, sizes)
+    if plan.sync_period is not None and plan.sync_period >= plan.total_steps:
+        cfg = cfg.replace(**{"sfl.sync_period": NEVER})
     plan = resolve_plan(cfg, sizes)  # the rules above change only sfl.*, not the data
     return Resolved(row, cfg, plan, cache_key(cfg, row.method, workflow.data_hash(ds, workflow.shards_path(cfg))))
 
@@ -145,11 +156,12 @@ def run_row(
         "method": row.method,
         "key": r.key,
         "code_hash": identity.code_hash(),
+        "seed": cfg.seed,
         "num_clients": plan.num_clients if plan and has_clients else None,
         "partition": cfg.partition.method if has_clients else None,
         "cut_layers": cfg.model.cut_layers if row.method == "mocosfl" else None,
         "sync_period": plan.sync_period if plan and row.method in ("mocosfl", "flmoco") else None,
-        "never_sync": bool(plan and plan.sync_period >= plan.total_steps),
+        "never_sync": bool(plan and row.method in ("mocosfl", "flmoco") and plan.sync_period is None),
         "clients_per_round": plan.clients_per_round if plan else None,
         "client_batch_size": plan.client_batch_size if plan else None,
         "batch_size": plan.batch_size if plan else None,
@@ -157,6 +169,9 @@ def run_row(
         "width": cfg.model.width,
         "steps": int(pre.get("steps", 0)),
         "images_seen": int(pre.get("images_seen", 0)),
+        # What the run actually trained on, as its trainer counted it (none for random init).
+        "distinct_clients": pre.get("distinct_clients"),
+        "distinct_images": pre.get("distinct_images"),
         "knn_top1": ev["knn_top1"],
         "linear_probe_top1": ev["linear_probe_top1"],
         "linear_probe_top1_final_epoch": ev["linear_probe_top1_final_epoch"],
@@ -179,7 +194,7 @@ def run_row(
 def _seconds_per_step(r: Resolved, ds: workflow.Dataset) -> float:
     """A quick probe: one warm-up step, then the mean of two timed steps of a fresh trainer."""
     assert r.plan is not None
-    p = ds.prepared
+    p = ds.normalization
     shards = workflow.load_partition(r.cfg, ds)
     trainer = workflow.make_trainer(
         r.row.method, r.cfg, ds.train_x(), shards, p.mean, p.std, None, resolve_device(r.cfg.device)
@@ -194,11 +209,14 @@ def _seconds_per_step(r: Resolved, ds: workflow.Dataset) -> float:
 def _seconds_per_image(cfg: Config, ds: workflow.Dataset) -> float:
     """Feature extraction time per image of a fresh encoder of this width and cut."""
     m = cfg.model
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
     enc = Encoder(client, server.backbone).eval()
     images = ds.train_x()[: cfg.evaluate.batch_size]
     kw: dict[str, Any] = dict(
-        mean=ds.prepared.mean, std=ds.prepared.std, image_size=cfg.data.image_size, batch_size=cfg.evaluate.batch_size
+        mean=ds.normalization.mean,
+        std=ds.normalization.std,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.evaluate.batch_size,
     )
     extract_features(enc, images, **kw)
     t0 = time.perf_counter()
@@ -213,13 +231,14 @@ def _probe_seconds(cfg: Config, n_train: int, n_test: int, num_classes: int) -> 
     linear_probe(
         torch.randn(n_train, dim),
         torch.randint(0, num_classes, (n_train,)),
+        torch.randn(n_test, dim),  # validation features: test-sized stand-ins are close enough for a time estimate
+        torch.randint(0, num_classes, (n_test,)),
         torch.randn(n_test, dim),
         torch.randint(0, num_classes, (n_test,)),
         num_classes,
         1,
         e.linear_lr,
         e.linear_batch_size,
-        e.val_fraction,
         cfg.seed,
     )
     return (time.perf_counter() - t0) * e.linear_epochs
@@ -233,15 +252,16 @@ def estimate(todo: list[Resolved], log: Callable[[str], None]) -> float:
         ds = workflow.Dataset(cfg)
         per_image = _seconds_per_image(cfg, ds)
         n_train, n_test = len(ds.train_idx), len(ds.test_idx)
-        seconds = per_image * (n_train + n_test) + _probe_seconds(cfg, n_train, n_test, ds.num_classes)
+        n_val = len(ds.val_idx)
+        seconds = per_image * (n_train + n_val + n_test) + _probe_seconds(cfg, n_train, n_test, ds.num_classes)
         text = "evaluation only"
         if r.plan is not None:
             pc, steps = cfg.pretrain, r.plan.total_steps
             step_s = _seconds_per_step(r, ds)
             monitors = steps // pc.knn_every + (1 if steps % pc.knn_every else 0)
-            monitor_images = min(pc.knn_bank_size, n_train) + min(pc.knn_test_size, n_test)
+            monitor_images = min(pc.knn_bank_size, n_train) + min(pc.knn_query_size, n_val)
             seconds += step_s * steps + monitors * monitor_images * per_image
             text = f"{step_s:.2f} s/step x {steps} steps + {monitors} kNN monitors + evaluation"
-        log(f"  {r.row.label}: ~{seconds / 60:.1f} min ({text})")
+        log(f"  {r.row.label}, seed {cfg.seed}: ~{seconds / 60:.1f} min ({text})")
         total += seconds
     return total

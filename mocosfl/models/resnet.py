@@ -71,12 +71,18 @@ class GroupNorm(nn.GroupNorm):
         return F.group_norm(x, m * self.num_groups, self.weight.flatten(), self.bias.flatten(), self.eps)
 
 
-def group_norm(channels: int, groups_at_64: int, width: int) -> GroupNorm:
-    # Scale the group count with width so channels-per-group stays what it is at width 64.
-    groups = max(1, groups_at_64 * width // 64)
-    while channels % groups:
-        groups -= 1
-    return GroupNorm(groups, channels)
+def group_norm(channels: int, channels_per_group: int = 4) -> GroupNorm:
+    """GroupNorm over groups of ``channels_per_group`` channels (the reference: 4, in every norm).
+
+    A fixed group size, not a fixed group count, so narrow CPU widths normalize over as many channels as
+    width 64 does.
+    """
+    if channels_per_group < 1 or channels % channels_per_group:
+        raise ValueError(
+            f"model.gn_channels_per_group={channels_per_group!r} is invalid: "
+            f"must be a positive divisor of every layer's channel count, and {channels} is not a multiple"
+        )
+    return GroupNorm(channels // channels_per_group, channels)
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> WSConv2d:
@@ -86,22 +92,22 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1) -> WSConv2d:
 class Stem(nn.Sequential):
     """3x3 stride-1 conv + norm + ReLU (CIFAR stem, no max-pool): the MocoSFL-1 client."""
 
-    def __init__(self, width: int, groups: int):
-        super().__init__(conv3x3(3, width), group_norm(width, groups, width), nn.ReLU(inplace=False))
+    def __init__(self, width: int, gn_channels_per_group: int):
+        super().__init__(conv3x3(3, width), group_norm(width, gn_channels_per_group), nn.ReLU(inplace=False))
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, groups: int, width: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, gn_channels_per_group: int):
         super().__init__()
         self.conv1 = conv3x3(c_in, c_out, stride)
-        self.norm1 = group_norm(c_out, groups, width)
+        self.norm1 = group_norm(c_out, gn_channels_per_group)
         self.conv2 = conv3x3(c_out, c_out)
-        self.norm2 = group_norm(c_out, groups, width)
+        self.norm2 = group_norm(c_out, gn_channels_per_group)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
                 WSConv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
-                group_norm(c_out, groups, width),
+                group_norm(c_out, gn_channels_per_group),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,21 +116,24 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def resnet18_stages(width: int = 64, gn_groups: int = 32) -> list[nn.Module]:
+def resnet18_stages(width: int = 64, gn_channels_per_group: int = 4) -> list[nn.Module]:
     """The encoder as a flat list cut-able by conv-layer count.
 
     [stem, layer1.0, layer1.1, layer2, layer3, layer4, pool]: the first 1 / 2 / 3
-    entries hold 1 / 3 / 5 conv layers, the paper's MocoSFL-1/3/5 clients.
+    entries hold 1 / 3 / 5 conv layers, the paper's MocoSFL-1/3/5 clients. Every norm has
+    channels // gn_channels_per_group groups (16/32/64/128 at width 64 with 4 per group).
     """
-    w = width
+    w, cpg = width, gn_channels_per_group
+    if cpg < 1 or w % cpg:
+        raise ValueError(f"model.gn_channels_per_group={cpg!r} is invalid: must be positive and divide model.width={w}")
 
     def layer(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(BasicBlock(c_in, c_out, stride, gn_groups, w), BasicBlock(c_out, c_out, 1, gn_groups, w))
+        return nn.Sequential(BasicBlock(c_in, c_out, stride, cpg), BasicBlock(c_out, c_out, 1, cpg))
 
     return [
-        Stem(w, gn_groups),
-        BasicBlock(w, w, 1, gn_groups, w),
-        BasicBlock(w, w, 1, gn_groups, w),
+        Stem(w, cpg),
+        BasicBlock(w, w, 1, cpg),
+        BasicBlock(w, w, 1, cpg),
         layer(w, 2 * w, 2),
         layer(2 * w, 4 * w, 2),
         layer(4 * w, 8 * w, 2),
@@ -143,10 +152,17 @@ def feature_dim(width: int) -> int:
 
 
 class ProjectionHead(nn.Sequential):
-    """MoCo v2 MLP head (the reference's "V2"): Linear -> ReLU -> Linear."""
+    """MoCo v2 MLP head (the reference's "V2"): Linear -> ReLU -> Linear.
+
+    Initialized as the reference's init_weights: Xavier-uniform weights (gain 1), zero biases.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=False), nn.Linear(hidden_dim, out_dim))
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight, gain=1.0)
+                nn.init.zeros_(layer.bias)
 
 
 class ServerModel(nn.Module):
@@ -162,10 +178,10 @@ class ServerModel(nn.Module):
 
 
 def build_split_model(
-    width: int, cut_layers: int, proj_hidden_dim: int = 1024, proj_dim: int = 1024, gn_groups: int = 32
+    width: int, cut_layers: int, proj_hidden_dim: int = 1024, proj_dim: int = 1024, gn_channels_per_group: int = 4
 ) -> tuple[nn.Sequential, ServerModel]:
     """Fresh (client model, server model) pair; ``server(client(x))`` is the full network."""
-    stages = resnet18_stages(width, gn_groups)
+    stages = resnet18_stages(width, gn_channels_per_group)
     k = client_stage_count(cut_layers)
     client = nn.Sequential(*stages[:k])
     backbone = nn.Sequential(*stages[k:])

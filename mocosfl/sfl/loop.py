@@ -1,5 +1,6 @@
 """The one training loop every method runs: ``TrainLoop`` (steps, history, kNN monitor, checkpoint calls)
-and ``RoundLoop`` (rounds of ``sync_period`` steps over sampled participants, then FedAvg).
+and ``RoundLoop`` (sampling rounds of ``sample_period`` steps over sampled participants; FedAvg every
+``sync_period`` steps, independently).
 
 Randomness is derived from (seed, stream, round) and (seed, stream, step) rather than carried as
 generator state (``mocosfl.seeding``), so a run resumed from any checkpoint replays exactly.
@@ -11,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,8 @@ class Plan:
     batch_size: int
     steps_per_epoch: int
     total_steps: int
-    sync_period: int
+    sample_period: int  # steps between re-sampling the participants
+    sync_period: int | None  # steps between FedAvgs; None = never (one FedAvg at the very end)
 
 
 def auto_client_batch_size(num_clients: int) -> int:
@@ -89,7 +92,15 @@ def resolve_plan(cfg: Config, shard_sizes: np.ndarray) -> Plan:
     # "epochs x 1/ratio" bookkeeping when clients are sampled.
     steps_per_epoch = max(1, math.ceil(int(shard_sizes.sum()) / batch))
     total = cfg.pretrain.steps or cfg.pretrain.epochs * steps_per_epoch
-    return Plan(n, m, b, batch, steps_per_epoch, total, cfg.sfl.sync_period)
+    # The reference re-samples once per epoch, in which each participant passes once over its shard.
+    sample_cfg = cfg.sfl.sample_period
+    sample = max(1, round(float(np.median(shard_sizes)) / b)) if sample_cfg == "auto" else sample_cfg
+    sync_cfg = cfg.sfl.sync_period
+    if sync_cfg == "auto":  # the reference: 1000 // (b*N) syncs per pass over a participant's shard
+        sync: int | None = max(1, round(float(np.median(shard_sizes)) / b / max(1, 1000 // (b * n))))
+    else:
+        sync = None if sync_cfg == "never" else sync_cfg
+    return Plan(n, m, b, batch, steps_per_epoch, total, sample, sync)
 
 
 def maybe_compile(module: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -118,12 +129,12 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 
 @dataclass
 class KnnData:
-    """Fixed monitor subset: training images as memory bank, test images as queries."""
+    """Fixed monitor subset: training images as memory bank, validation images (never test) as queries."""
 
     bank_x: np.ndarray
     bank_y: torch.Tensor
-    test_x: np.ndarray
-    test_y: torch.Tensor
+    query_x: np.ndarray
+    query_y: torch.Tensor
     num_classes: int
 
 
@@ -190,6 +201,9 @@ class TrainLoop:
         self.knn_seconds = 0.0  # kNN monitor time, kept out of train_seconds
         self.history: list[dict[str, float]] = []
         self.window_losses: list[float] = []  # losses since the last history row
+        # What the run actually trained on (the results tables' distinct clients / images).
+        self.seen_images = np.zeros(len(train_x), dtype=bool)
+        self.seen_clients = np.zeros(len(shards), dtype=bool)
         self.setup()
 
     def setup(self) -> None:
@@ -212,6 +226,8 @@ class TrainLoop:
             "knn_seconds": self.knn_seconds,
             "history": self.history,
             "window_losses": self.window_losses,
+            "seen_images": torch.from_numpy(np.packbits(self.seen_images)),
+            "seen_clients": torch.from_numpy(np.packbits(self.seen_clients)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -222,6 +238,9 @@ class TrainLoop:
         self.knn_seconds = float(state["knn_seconds"])
         self.history = list(state["history"])
         self.window_losses = list(state["window_losses"])
+        for name in ("seen_images", "seen_clients"):
+            flags = getattr(self, name)
+            flags[:] = np.unpackbits(state[name].numpy(), count=len(flags)).astype(bool)
 
     def summary(self) -> dict[str, Any]:
         """The run's totals (the pretrain metrics); a method adds its model sizes and plan fields."""
@@ -239,6 +258,8 @@ class TrainLoop:
             "knn_seconds": self.knn_seconds,
             "knn_overhead": self.knn_seconds / self.train_seconds if self.train_seconds else 0.0,
             "steps_per_s": self.step / self.train_seconds if self.train_seconds else 0.0,
+            "distinct_images": int(self.seen_images.sum()),
+            "distinct_clients": int(self.seen_clients.sum()),
         }
 
     def knn_monitor(self) -> float | None:
@@ -253,9 +274,10 @@ class TrainLoop:
             device=self.device,
         )
         bank = extract_features(enc, self.knn.bank_x, **kw)
-        test = extract_features(enc, self.knn.test_x, **kw)
+        queries = extract_features(enc, self.knn.query_x, **kw)
         e = self.cfg.evaluate
-        return knn_top1(bank, self.knn.bank_y, test, self.knn.test_y, self.knn.num_classes, e.knn_k, e.knn_temperature)
+        k = self.knn
+        return knn_top1(bank, k.bank_y, queries, k.query_y, k.num_classes, e.knn_k, e.knn_temperature)
 
     def run(
         self,
@@ -296,18 +318,25 @@ class TrainLoop:
 
 
 class RoundLoop(TrainLoop):
-    """Federated rounds, shared by MocoSFL and FL-MoCo: ``sync_period`` steps, then FedAvg.
+    """Federated rounds, shared by MocoSFL and FL-MoCo: sampling rounds and syncs on separate schedules.
 
-    ``begin_round`` sends the global model (and target) to the round's M sampled participants, held
-    stacked as ``p``, ``t`` and ``mom`` ([M, ...] each); every step each participant reads ``b`` images
-    of its own shard (``step_views``); ``end_round`` FedAvgs them into the next global model. A method
-    calls ``super().setup()`` then builds its models and ``global_params``/``global_target``, implements
-    ``train_step`` and ``encoder``, and may keep per-client state across rounds by overriding
-    ``gather_client_state``/``keep_client_state`` and ``syncs_targets``.
+    Every ``sample_period`` steps a new sampling round draws M participants; each holds its online model,
+    EMA target and SGD momentum stacked as ``p``, ``t`` and ``mom`` ([M, ...] each) and every step reads
+    ``b`` images of its own shard (``step_views``). Every ``sync_period`` steps (and after the last step)
+    FedAvg averages every client model trained since the previous sync into the next global model, and
+    the participants continue from it. A client whose round ends without a sync keeps its own state in
+    the O(N) unsynced bank and resumes from it when sampled again; after a sync every client starts from
+    the global model. A method calls ``super().setup()`` then builds its models and
+    ``global_params``/``global_target``, implements ``train_step`` and ``encoder``, and may keep more
+    per-client state by overriding ``gather_client_state``/``keep_client_state``, ``syncs_targets``
+    and ``keeps_momentum``.
     """
 
     def setup(self) -> None:
-        self.augment = MocoV2Augment(self.cfg.data.image_size, self.mean, self.std)
+        a = self.cfg.augment
+        self.augment = MocoV2Augment(
+            self.cfg.data.image_size, self.mean, self.std, scale=a.crop_scale, blur_sigma=a.blur_sigma
+        )
         self.global_params: C.Params = {}
         self.global_target: C.Params = {}
         self.round_ids: torch.Tensor | None = None  # [M] sorted participants of the open round
@@ -316,6 +345,12 @@ class RoundLoop(TrainLoop):
         self.mom: C.Params = {}  # [M, ...] their SGD momentum
         self.order: tuple[np.ndarray, ...] = ()  # the open round's shard order (``round_order``)
         self.last_sync_seconds = 0.0  # duration of the latest sync
+        self.synced_last_step = False
+        n = self.plan.num_clients
+        # Steps each client trained since the last sync (its FedAvg weight); > 0 for a client out of a
+        # round marks its state in unsynced_bank as newer than the global model.
+        self.steps_since_sync = np.zeros(n, dtype=np.int64)
+        self.unsynced_bank: C.ClientStateBank | None = None  # made when a round first ends unsynced
 
     def train_step(self) -> float:
         """One step of the open round's participants; returns the loss."""
@@ -330,7 +365,12 @@ class RoundLoop(TrainLoop):
         """Whether the EMA targets are averaged with the models; if not, each client keeps its own."""
         return True
 
-    # ------------------------------------------------------------------ rounds
+    @property
+    def keeps_momentum(self) -> bool:
+        """Whether the method keeps every client's SGD momentum itself (stateful clients)."""
+        return False
+
+    # ------------------------------------------------------------------ client state
 
     def gather_client_state(self, ids: torch.Tensor) -> tuple[C.Params, C.Params]:
         """Targets and SGD momentum the participants ``ids`` start the round with: the global target
@@ -338,54 +378,140 @@ class RoundLoop(TrainLoop):
         return C.stack(self.global_target, len(ids)), C.zeros_like(self.p)
 
     def keep_client_state(self, ids: torch.Tensor) -> None:
-        """What the participants keep of the ending round beyond the sync (stateless clients: nothing)."""
+        """What the participants keep of the ending round beyond their unsynced model (default: nothing)."""
+
+    def _unsynced_state(self) -> C.Params:
+        """The participants' state a round without a sync leaves with them, flat-named for one bank."""
+        state = {f"p.{k}": v.detach() for k, v in self.p.items()}
+        if self.syncs_targets:
+            state |= {f"t.{k}": v for k, v in self.t.items()}
+        if not self.keeps_momentum:
+            state |= {f"mom.{k}": v for k, v in self.mom.items()}
+        return state
+
+    def _make_unsynced_bank(self) -> C.ClientStateBank:
+        template = {f"p.{k}": v for k, v in self.global_params.items()}
+        if self.syncs_targets:
+            template |= {f"t.{k}": v for k, v in self.global_target.items()}
+        if not self.keeps_momentum:
+            template |= {f"mom.{k}": v for k, v in self.global_params.items()}
+        sfl = self.cfg.sfl
+        return C.ClientStateBank(
+            template,
+            self.plan.num_clients,
+            storage_dtype=getattr(torch, sfl.client_state_dtype),
+            file_dir=Path(self.cfg.pretrain.runs_dir) if sfl.client_state_storage == "file" else None,
+        )
+
+    def _unsynced_ids(self) -> np.ndarray:
+        """Clients outside the open round holding a model newer than the global one (sorted)."""
+        away = self.steps_since_sync > 0
+        if self.round_ids is not None:
+            away[self.round_ids.numpy()] = False
+        return np.flatnonzero(away)
+
+    # ------------------------------------------------------------------ rounds
 
     def begin_round(self, r: int) -> None:
-        """Send the global model (and target) to round r's participants."""
+        """Round r's participants start from the global model, or from their own if they trained since the last sync."""
         ids = torch.from_numpy(sample_participants(self.plan, self.cfg.seed, r)).long()
         m = len(ids)
         self.round_ids = ids
-        self.p = {k: v.requires_grad_(True) for k, v in C.stack(self.global_params, m).items()}
+        self.seen_clients[ids.numpy()] = True
+        p = C.stack(self.global_params, m)
+        self.p = p
         self.t, self.mom = self.gather_client_state(ids)
+        own = torch.from_numpy(self.steps_since_sync[ids.numpy()] > 0)
+        if own.any():
+            assert self.unsynced_bank is not None
+            rows = self.unsynced_bank.gather(ids[own])
+            with torch.no_grad():
+                for name, v in rows.items():
+                    part, key = name.split(".", 1)
+                    {"p": self.p, "t": self.t, "mom": self.mom}[part][key][own] = v
+        self.p = {k: v.requires_grad_(True) for k, v in self.p.items()}
         self.order = round_order(self.shards, ids.numpy(), self.cfg.seed, r)
         sent = C.nbytes(self.global_params) + (C.nbytes(self.global_target) if self.syncs_targets else 0)
-        self.bytes_down += m * sent
-
-    def fedavg_weights(self, ids: torch.Tensor) -> torch.Tensor:
-        """FedAvg weight of each participant ([M], unnormalised), per ``sfl.fedavg_weights``."""
-        if self.cfg.sfl.fedavg_weights == "shard_size":
-            return torch.from_numpy(self.shard_sizes[ids.numpy()]).double()
-        return torch.ones(len(ids), dtype=torch.float64)  # every participant saw b * steps samples
+        self.bytes_down += int((~own).sum()) * sent  # returning clients already hold their model
 
     def end_round(self) -> None:
-        """Sync: the participants upload their models (and targets); FedAvg of each becomes the global one."""
+        """Close the round; participants that trained since the last sync keep their state for later."""
         assert self.round_ids is not None
-        ids, m = self.round_ids, len(self.round_ids)
-        weights = self.fedavg_weights(ids)
-        self.global_params = C.fedavg(self.p, weights)
-        self.bytes_up += m * C.nbytes(self.global_params)
-        if self.syncs_targets:
-            self.global_target = C.fedavg(self.t, weights)
-            self.bytes_up += m * C.nbytes(self.global_target)
+        ids = self.round_ids
+        unsynced = torch.from_numpy(self.steps_since_sync[ids.numpy()] > 0)
+        if unsynced.any():
+            if self.unsynced_bank is None:
+                self.unsynced_bank = self._make_unsynced_bank()
+            state = self._unsynced_state()
+            self.unsynced_bank.scatter(ids[unsynced], {k: v[unsynced] for k, v in state.items()})
         self.keep_client_state(ids)
         self.round_ids = None
         self.p, self.t, self.mom = {}, {}, {}
         self.order = ()
 
+    def fedavg_weights(self, ids: np.ndarray) -> torch.Tensor:
+        """FedAvg weight of each client ``ids`` ([n], unnormalised), per ``sfl.fedavg_weights``."""
+        if self.cfg.sfl.fedavg_weights == "shard_size":
+            return torch.from_numpy(self.shard_sizes[ids]).double()
+        # samples_seen: every client trained b images per step since the last sync
+        steps = torch.from_numpy(self.steps_since_sync[ids]).double()
+        return steps if steps.sum() > 0 else torch.ones(len(ids), dtype=torch.float64)
+
+    def _fedavg_now(self) -> tuple[C.Params, C.Params | None, int]:
+        """FedAvg of the open round's participants and every unsynced client outside it: (models,
+        targets or None, how many clients contributed)."""
+        live = self.round_ids.numpy() if self.round_ids is not None else np.zeros(0, dtype=np.int64)
+        away = self._unsynced_ids()
+        weights = self.fedavg_weights(np.concatenate([live, away]))
+        if weights.sum() == 0:
+            weights = torch.ones_like(weights)
+        w = weights / weights.sum()
+        models = {k: v.detach() for k, v in self.p.items()} if len(live) else {}
+        targets = dict(self.t) if len(live) and self.syncs_targets else {}
+        if len(away):
+            assert self.unsynced_bank is not None
+            rows = self.unsynced_bank.gather(torch.from_numpy(away))
+            for name, v in rows.items():
+                part, key = name.split(".", 1)
+                into = {"p": models, "t": targets}.get(part)
+                if into is not None:
+                    into[key] = torch.cat([into[key], v.to(self.device)]) if key in into else v.to(self.device)
+        if not models:  # nothing trained since the last sync
+            return self.global_params, self.global_target if self.syncs_targets else None, 0
+        avg_models = C.fedavg(models, w)
+        avg_targets = C.fedavg(targets, w) if self.syncs_targets else None
+        return avg_models, avg_targets, len(w)
+
+    def sync(self, round_continues: bool = True) -> None:
+        """FedAvg every client model trained since the last sync; everyone continues from the result."""
+        t0 = time.perf_counter()
+        models, targets, contributors = self._fedavg_now()
+        per_client = C.nbytes(models) + (C.nbytes(targets) if targets is not None else 0)
+        self.bytes_up += contributors * per_client
+        self.global_params = models
+        if targets is not None:
+            self.global_target = targets
+        self.steps_since_sync[:] = 0
+        if self.round_ids is not None and round_continues:  # the participants carry on from the global model
+            m = len(self.round_ids)
+            self.bytes_down += m * per_client
+            with torch.no_grad():
+                for k, v in self.p.items():
+                    v.copy_(models[k].expand_as(v))
+                if targets is not None:
+                    self.t = C.stack(targets, m)
+        self.last_sync_seconds = time.perf_counter() - t0
+
     def sync_now(self) -> float:
-        """End a round with a sync now (opening one first if none is open); returns the sync's seconds."""
+        """A sync right now (opening a round first if none is open); returns its seconds."""
         if self.round_ids is None:
-            self.begin_round(self.step // self.plan.sync_period)
-        t = time.perf_counter()
-        self.end_round()
-        self.last_sync_seconds = time.perf_counter() - t
+            self.begin_round(self.step // self.plan.sample_period)
+        self.sync()
         return self.last_sync_seconds
 
     def current_params(self) -> C.Params:
-        """What a sync right now would produce (the global model between rounds)."""
-        if self.round_ids is None:
-            return self.global_params
-        return C.fedavg({k: v.detach() for k, v in self.p.items()}, self.fedavg_weights(self.round_ids))
+        """What a sync right now would produce (the global model when nothing trained since the last one)."""
+        return self._fedavg_now()[0]
 
     # ------------------------------------------------------------------ one step
 
@@ -393,21 +519,29 @@ class RoundLoop(TrainLoop):
         """This step's two augmented views per participant.  Shape: each [M, b, 3, S, S]."""
         assert self.round_ids is not None
         m, b = len(self.round_ids), self.plan.client_batch_size
-        idx = step_samples(self.order, self.step % self.plan.sync_period, b)  # [M*b]
+        idx = step_samples(self.order, self.step % self.plan.sample_period, b)  # [M*b]
+        self.seen_images[idx] = True
         images = torch.from_numpy(np.ascontiguousarray(self.train_x[idx])).to(self.device)
         view1, view2 = self.augment.two_views(images, torch_generator(self.cfg.seed, Stream.AUGMENT, self.step))
         return view1.view(m, b, *view1.shape[1:]), view2.view(m, b, *view2.shape[1:])
 
     def advance(self) -> float:
-        """One step, opening a round before it and syncing after it when due."""
+        """One step: open a sampling round when due, train, sync when due, close the round when due."""
         plan = self.plan
         t0 = time.perf_counter()
         if self.round_ids is None:
-            self.begin_round(self.step // plan.sync_period)
+            self.begin_round(self.step // plan.sample_period)
+        assert self.round_ids is not None
         loss = self.train_step()
+        self.steps_since_sync[self.round_ids.numpy()] += 1
         self.step += 1
-        if self.step % plan.sync_period == 0 or self.step == plan.total_steps:
-            self.sync_now()
+        last = self.step == plan.total_steps
+        round_ends = last or self.step % plan.sample_period == 0
+        self.synced_last_step = last or (plan.sync_period is not None and self.step % plan.sync_period == 0)
+        if self.synced_last_step:
+            self.sync(round_continues=not round_ends)
+        if round_ends:
+            self.end_round()
         self.train_seconds += time.perf_counter() - t0
         return loss
 
@@ -415,7 +549,13 @@ class RoundLoop(TrainLoop):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(global_params=self.global_params, global_target=self.global_target)
+        state.update(
+            global_params=self.global_params,
+            global_target=self.global_target,
+            steps_since_sync=torch.from_numpy(self.steps_since_sync.copy()),
+        )
+        if self.unsynced_bank is not None:
+            state["unsynced_bank"] = self.unsynced_bank  # saved to its own file by save_checkpoint
         if self.round_ids is not None:
             state["round"] = {
                 "ids": self.round_ids,
@@ -429,22 +569,29 @@ class RoundLoop(TrainLoop):
         super().load_state_dict(state)
         self.global_params = state["global_params"]
         self.global_target = state["global_target"]
+        self.steps_since_sync[:] = state["steps_since_sync"].numpy()
         if "round" in state:
             rnd = state["round"]
             self.round_ids = rnd["ids"]
             self.p = {k: v.clone().requires_grad_(True) for k, v in rnd["p"].items()}
             self.t, self.mom = rnd["t"], rnd["mom"]
-            self.order = round_order(self.shards, rnd["ids"].numpy(), self.cfg.seed, self.step // self.plan.sync_period)
+            r = self.step // self.plan.sample_period
+            self.order = round_order(self.shards, rnd["ids"].numpy(), self.cfg.seed, r)
         else:
             self.round_ids = None
             self.p, self.t, self.mom = {}, {}, {}
             self.order = ()
+        if "unsynced_bank" in state:
+            if self.unsynced_bank is None:
+                self.unsynced_bank = self._make_unsynced_bank()
+            self.unsynced_bank.load_(state["unsynced_bank"])
 
     def summary(self) -> dict[str, Any]:
         plan = self.plan
         return super().summary() | {
             "clients_per_round": plan.clients_per_round,
             "client_batch_size": plan.client_batch_size,
-            "sync_period": plan.sync_period,
+            "sample_period": plan.sample_period,
+            "sync_period": plan.sync_period,  # None: never
             "bytes_per_client": (self.bytes_up + self.bytes_down) / plan.num_clients,
         }

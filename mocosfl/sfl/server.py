@@ -130,6 +130,13 @@ class PerClientQueue:
         self.keys = F.normalize(keys, dim=2).to(device)
         self.ptr = torch.zeros(num_clients, dtype=torch.long, device=device)
 
+    @classmethod
+    def from_state(cls, keys: torch.Tensor, ptr: torch.Tensor) -> PerClientQueue:
+        """Queues holding ``keys`` [N, K_c, D] with write pointers ``ptr`` [N] (no copy)."""
+        queue = cls.__new__(cls)
+        queue.keys, queue.ptr = keys, ptr
+        return queue
+
     def negatives(self, client_of_sample: torch.Tensor) -> torch.Tensor:
         """Shape: client_of_sample [B] -> [B, K_c, D]."""
         return self.keys[client_of_sample]

@@ -1,4 +1,4 @@
-"""MocoSFL: N stacked clients and one MoCo server, trained in rounds of ``sync_period`` steps.
+"""MocoSFL: N stacked clients and one MoCo server, in sampling rounds with FedAvg every ``sync_period`` steps.
 
 The rounds, counters and checkpoints of the loop are ``mocosfl.sfl.loop.RoundLoop``'s; this module is
 MocoSFL's own part: the split step, the server and its queue, and the O(N) client-state banks.
@@ -68,14 +68,14 @@ class MocoSFLTrainer(RoundLoop):
         torch.manual_seed(cfg.seed)
         m = cfg.model
         self.client_module, self.server = build_split_model(
-            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups
+            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
         )
         self.client_module.to(self.device)
         C.check_stackable(self.client_module)
         self.server.to(self.device)
-        self.server_target = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)[1].to(
-            self.device
-        )
+        self.server_target = build_split_model(
+            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
+        )[1].to(self.device)
         self.server_target.load_state_dict(self.server.state_dict())
         self.server_target.requires_grad_(False)
         # Compiled wrappers share parameters with the eager modules, so EMA, checkpoints and kNN
@@ -115,6 +115,10 @@ class MocoSFLTrainer(RoundLoop):
     @property
     def syncs_targets(self) -> bool:
         return self.target_bank is None
+
+    @property
+    def keeps_momentum(self) -> bool:
+        return self.momentum_bank is not None
 
     def gather_client_state(self, ids: torch.Tensor) -> tuple[C.Params, C.Params]:
         """Stateful clients start from their own momentum, unsynced ones from their own target."""
@@ -193,7 +197,7 @@ class MocoSFLTrainer(RoundLoop):
     def encoder(self) -> Encoder:
         """The current encoder (client global model + server backbone) as a plain module."""
         m = self.cfg.model
-        client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_groups)
+        client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
         client.load_state_dict({k: v.detach().clone() for k, v in self.current_params().items()})
         return Encoder(client.to(self.device), copy.deepcopy(self.server.backbone)).eval()
 
