@@ -62,6 +62,19 @@ def spy_end_round(tr: MocoSFLTrainer, monkeypatch: pytest.MonkeyPatch) -> list[d
     return seen
 
 
+def spy_sync(tr: MocoSFLTrainer, monkeypatch: pytest.MonkeyPatch) -> list[C.Params]:
+    """Record, before each sync, the FedAvg it should produce (``expected_fedavg``)."""
+    captured: list[C.Params] = []
+    original = tr.sync
+
+    def spy(round_continues: bool = True) -> None:
+        captured.append(expected_fedavg(tr))
+        original(round_continues)
+
+    monkeypatch.setattr(tr, "sync", spy)
+    return captured
+
+
 TIMING_KEYS = {"train_seconds", "steps_per_s"}  # wall-clock, legitimately differ between runs
 
 
@@ -533,14 +546,7 @@ def test_clients_leaving_unsynced_resume_their_own_state(monkeypatch: pytest.Mon
                 assert torch.equal(tr.p[k][j].detach(), init[k]) and not tr.mom[k][j].any()
 
     # The sync at step 6 averages round 2's participants and everyone still away with a newer model.
-    captured: list[C.Params] = []
-    original = tr.sync
-
-    def spy_sync(round_continues: bool = True) -> None:
-        captured.append(expected_fedavg(tr))
-        original(round_continues)
-
-    monkeypatch.setattr(tr, "sync", spy_sync)
+    captured = spy_sync(tr, monkeypatch)
     while tr.step < 6:
         tr.advance()
     assert len(captured) == 1 and tr.synced_last_step and not tr.steps_since_sync.any()
@@ -554,14 +560,7 @@ def test_clients_leaving_unsynced_resume_their_own_state(monkeypatch: pytest.Mon
 def test_never_sync_evaluates_the_fedavg_of_every_trained_client(monkeypatch: pytest.MonkeyPatch) -> None:
     tr = make(**{"sfl.clients_per_round": 3, "sfl.sample_period": 2, "sfl.sync_period": "never"})
     init = clone(tr.global_params)
-    captured: list[C.Params] = []
-    original = tr.sync
-
-    def spy_sync(round_continues: bool = True) -> None:
-        captured.append(expected_fedavg(tr))
-        original(round_continues)
-
-    monkeypatch.setattr(tr, "sync", spy_sync)
+    captured = spy_sync(tr, monkeypatch)
     tr.run()
     assert len(captured) == 1  # only after the last step
     trained = {int(c) for r in range(4) for c in C_sample(tr, r)}

@@ -118,6 +118,20 @@ def nbytes(params: Params) -> int:
     return sum(v.numel() * v.element_size() for v in params.values())
 
 
+def join_parts(parts: dict[str, Params]) -> Params:
+    """Several named parameter sets as one flat dict, for one bank: {"p": {"w": x}} -> {"p.w": x}."""
+    return {f"{part}.{k}": v for part, params in parts.items() for k, v in params.items()}
+
+
+def split_parts(flat: Params) -> dict[str, Params]:
+    """Inverse of :func:`join_parts`: {"p.w": x, "t.w": y} -> {"p": {"w": x}, "t": {"w": y}}."""
+    parts: dict[str, Params] = {}
+    for name, v in flat.items():
+        part, key = name.split(".", 1)
+        parts.setdefault(part, {})[key] = v
+    return parts
+
+
 class ClientStateBank:
     """Per-client copies of one parameter set for all N clients, gathered/scattered per round.
 

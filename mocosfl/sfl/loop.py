@@ -382,19 +382,20 @@ class RoundLoop(TrainLoop):
 
     def _unsynced_state(self) -> C.Params:
         """The participants' state a round without a sync leaves with them, flat-named for one bank."""
-        state = {f"p.{k}": v.detach() for k, v in self.p.items()}
+        return self._banked_parts({k: v.detach() for k, v in self.p.items()}, self.t, self.mom)
+
+    def _banked_parts(self, p: C.Params, t: C.Params, mom: C.Params) -> C.Params:
+        """What an unsynced client keeps: its model, its target when targets sync, its momentum unless
+        the method keeps momentum itself; flat-named for one bank ("p.", "t.", "mom.")."""
+        parts = {"p": p}
         if self.syncs_targets:
-            state |= {f"t.{k}": v for k, v in self.t.items()}
+            parts["t"] = t
         if not self.keeps_momentum:
-            state |= {f"mom.{k}": v for k, v in self.mom.items()}
-        return state
+            parts["mom"] = mom
+        return C.join_parts(parts)
 
     def _make_unsynced_bank(self) -> C.ClientStateBank:
-        template = {f"p.{k}": v for k, v in self.global_params.items()}
-        if self.syncs_targets:
-            template |= {f"t.{k}": v for k, v in self.global_target.items()}
-        if not self.keeps_momentum:
-            template |= {f"mom.{k}": v for k, v in self.global_params.items()}
+        template = self._banked_parts(self.global_params, self.global_target, self.global_params)
         sfl = self.cfg.sfl
         return C.ClientStateBank(
             template,
@@ -424,11 +425,11 @@ class RoundLoop(TrainLoop):
         own = torch.from_numpy(self.steps_since_sync[ids.numpy()] > 0)
         if own.any():
             assert self.unsynced_bank is not None
-            rows = self.unsynced_bank.gather(ids[own])
+            held = C.split_parts(self.unsynced_bank.gather(ids[own]))
             with torch.no_grad():
-                for name, v in rows.items():
-                    part, key = name.split(".", 1)
-                    {"p": self.p, "t": self.t, "mom": self.mom}[part][key][own] = v
+                for into, part in ((self.p, "p"), (self.t, "t"), (self.mom, "mom")):
+                    for key, v in held.get(part, {}).items():
+                        into[key][own] = v
         self.p = {k: v.requires_grad_(True) for k, v in self.p.items()}
         self.order = round_order(self.shards, ids.numpy(), self.cfg.seed, r)
         sent = C.nbytes(self.global_params) + (C.nbytes(self.global_target) if self.syncs_targets else 0)
@@ -470,12 +471,11 @@ class RoundLoop(TrainLoop):
         targets = dict(self.t) if len(live) and self.syncs_targets else {}
         if len(away):
             assert self.unsynced_bank is not None
-            rows = self.unsynced_bank.gather(torch.from_numpy(away))
-            for name, v in rows.items():
-                part, key = name.split(".", 1)
-                into = {"p": models, "t": targets}.get(part)
-                if into is not None:
-                    into[key] = torch.cat([into[key], v.to(self.device)]) if key in into else v.to(self.device)
+            held = C.split_parts(self.unsynced_bank.gather(torch.from_numpy(away)))
+            for into, part in ((models, "p"), (targets, "t")):
+                for key, v in held.get(part, {}).items():
+                    v = v.to(self.device)
+                    into[key] = torch.cat([into[key], v]) if key in into else v
         if not models:  # nothing trained since the last sync
             return self.global_params, self.global_target if self.syncs_targets else None, 0
         avg_models = C.fedavg(models, w)
