@@ -40,8 +40,19 @@ def native_bf16(device: torch.device) -> bool:
     return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the hardware has native bf16, else ``fp32``; explicit names stay."""
+# Methods whose forward passes run inside ``torch.func.vmap``, where autocast has no effect: with torch
+# 2.14 a convolution under bf16 autocast inside vmap still computes and returns fp32, and casting the
+# input alone fails on the fp32 weight. They compute in fp32 whatever ``pretrain.precision`` says.
+FP32_ONLY_METHODS = frozenset({"flmoco"})
+
+
+def resolve_precision(name: str, device: torch.device, method: str = "mocosfl") -> str:
+    """``auto`` -> ``bf16`` where the hardware has native bf16, else ``fp32``; explicit names stay;
+    ``fp32`` for the methods in ``FP32_ONLY_METHODS``."""
+    if method in FP32_ONLY_METHODS:
+        if name == "bf16":
+            log.warning("pretrain.precision=bf16: %s computes in fp32 (autocast has no effect in vmap)", method)
+        return "fp32"
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if name == "bf16" and not native_bf16(device):

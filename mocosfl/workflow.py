@@ -226,7 +226,7 @@ def run_dir(cfg: Config, ds: Dataset, shards_file: Path, method: str = "mocosfl"
     The hash covers the run's config sections, its data (``data_hash``) and the training code
     (``identity.code_hash``): an edit that can change the numbers gives a new run, trained anew.
     """
-    precision = resolve_precision(cfg.pretrain.precision, resolve_device(cfg.device))
+    precision = resolve_precision(cfg.pretrain.precision, resolve_device(cfg.device), method)
     h = config_hash(cfg, PRETRAIN_SECTIONS, f"{data_hash(ds, shards_file)}:{identity.code_hash()}:{precision}")
     return Path(cfg.pretrain.runs_dir) / (h if method == "mocosfl" else f"{method}-{h}")
 

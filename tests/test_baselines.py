@@ -302,3 +302,28 @@ def test_stacked_client_convolutions_count_as_many_flops_as_a_loop_over_clients(
     per_forward = 2 * (2 * 6 * 8 * 8) * c_in * 9  # 2 FLOPs x outputs x (C_in x 3 x 3), per client
     assert count_flops(loop) == m * 2 * per_forward  # forward + weight gradient
     assert count_flops(batched) == count_flops(loop)
+
+
+@pytest.mark.parametrize("cls", [MocoSFLTrainer, CentralTrainer, FLMocoTrainer])
+def test_every_method_trains_with_precision_bf16(cls: type[TrainLoop]) -> None:
+    """``pretrain.precision=bf16`` is valid for every method (the results suites run them all at the cpu
+    profile's ``auto``); FL-MoCo says it computes in fp32, since its vmap'd forward ignores autocast."""
+    tr = cls(make_cfg(**{"pretrain.precision": "bf16", "pretrain.steps": 2}), IMAGES, SHARDS, MEAN, STD)
+    tr.run()
+    assert tr.step == 2 and np.isfinite(tr.history[-1]["loss_mean"])
+    assert tr.precision == ("fp32" if cls is FLMocoTrainer else "bf16")
+
+
+def test_autocast_is_still_ignored_inside_vmap() -> None:
+    """Why FL-MoCo computes in fp32 (``precision.FP32_ONLY_METHODS``): a convolution under bf16 autocast
+    inside ``torch.func.vmap`` returns fp32 (torch 2.14). If this fails, torch applies autocast under
+    vmap now, and FL-MoCo could run in bf16."""
+    w, x = torch.randn(2, 4, 3, 3, 3), torch.randn(2, 1, 3, 8, 8)
+
+    def conv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.nn.functional.conv2d(x, w)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.conv2d(x[0], w[0]).dtype == torch.bfloat16  # outside vmap it applies
+    assert vmap(conv)(w, x).dtype == torch.float32

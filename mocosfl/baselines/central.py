@@ -96,6 +96,8 @@ class CentralTrainer(TrainLoop):
     of the pool, cut into consecutive batches (without replacement within an epoch).
     """
 
+    method = "central"
+
     def setup(self) -> None:
         cfg, mean, std = self.cfg, self.mean, self.std
         self.pool = np.sort(np.concatenate(self.shards))  # [n] training-image indices the clients hold

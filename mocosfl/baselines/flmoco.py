@@ -42,6 +42,8 @@ class FLMocoTrainer(RoundLoop):
     over clients.
     """
 
+    method = "flmoco"
+
     def setup(self) -> None:
         super().setup()
         cfg = self.cfg

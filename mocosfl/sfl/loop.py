@@ -170,6 +170,8 @@ class TrainLoop:
     ``load_state_dict`` and ``summary`` (call the base, add its own entries).
     """
 
+    method = "mocosfl"  # the name workflow.METHODS knows it by
+
     def __init__(
         self,
         cfg: Config,
@@ -188,7 +190,7 @@ class TrainLoop:
         self.shard_sizes = np.array([len(s) for s in shards])
         self.plan = resolve_plan(cfg, self.shard_sizes)
         # fp32 or bf16 forward passes (pretrain.precision, "auto" resolved for this device)
-        self.precision = resolve_precision(cfg.pretrain.precision, self.device)
+        self.precision = resolve_precision(cfg.pretrain.precision, self.device, self.method)
         self.knn = knn
         self.mean, self.std = mean, std
         # Subnormal floats make oneDNN convolutions ~10x slower on x86 CPUs (measured: 9.5 s vs
