@@ -79,7 +79,7 @@ class FLMocoTrainer(RoundLoop):
     def begin_round(self, r: int) -> None:
         super().begin_round(r)
         assert self.round_ids is not None
-        self.queue = self.participant_queues(self.round_ids)
+        self.queue = self.participant_queues(self.local_ids)
 
     def keep_client_state(self, ids: torch.Tensor) -> None:
         assert self.queue is not None
@@ -120,7 +120,7 @@ class FLMocoTrainer(RoundLoop):
             self.p, dict(zip(names, grads, strict=True)), self.mom, lr, cfg.pretrain.momentum, cfg.pretrain.weight_decay
         )
         C.ema_update(self.t, self.p, cfg.moco.ema)
-        self.queue.enqueue(torch.arange(len(self.round_ids), device=self.device), keys)
+        self.queue.enqueue(torch.arange(len(self.local_ids), device=self.device), keys)
         return losses.mean().item()
 
     # ------------------------------------------------------------------ evaluation, checkpoints

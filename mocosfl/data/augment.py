@@ -3,6 +3,7 @@ All randomness comes from an explicit CPU ``torch.Generator``: same state => bit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -302,14 +303,24 @@ class MocoV2Augment:
             x = x.index_copy(0, on_dev, blurred)
         return _normalize(x, self.mean, self.std)  # [B, 3, S, S]
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """uint8 [B, H, W, 3] (channels-last), any device -> float32 [B, 3, S, S] normalized, S = image_size.
 
         All randomness is drawn from `generator` (CPU) and the parameters are then moved to images.device.
+        ``rows`` ([B_all] bool, B of them True): the images are these rows of a larger batch; the
+        parameters are drawn for all B_all rows and these rows' are applied, so a process holding part
+        of a batch augments it exactly as the whole batch would be (a client host in distributed runs).
         """
-        params = self.sample_params(images.shape[0], images.shape[1], images.shape[2], generator)
+        n = images.shape[0] if rows is None else len(rows)
+        params = self.sample_params(n, images.shape[1], images.shape[2], generator)
+        if rows is not None:
+            params = AugmentParams(**{f.name: getattr(params, f.name)[rows] for f in dataclasses.fields(params)})
         return self.apply(images, params)
 
-    def two_views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def two_views(
+        self, images: torch.Tensor, generator: torch.Generator, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independent augmentations (query, key) of the same batch, each [B, 3, S, S]."""
-        return self(images, generator), self(images, generator)
+        return self(images, generator, rows), self(images, generator, rows)

@@ -342,9 +342,13 @@ class RoundLoop(TrainLoop):
         self.global_params: C.Params = {}
         self.global_target: C.Params = {}
         self.round_ids: torch.Tensor | None = None  # [M] sorted participants of the open round
-        self.p: C.Params = {}  # [M, ...] their online models
-        self.t: C.Params = {}  # [M, ...] their EMA targets
-        self.mom: C.Params = {}  # [M, ...] their SGD momentum
+        # The participants this process computes (``owns``): all M in process, a client host's own in a
+        # distributed run. ``p``, ``t`` and ``mom`` hold their rows only; the counters cover all M.
+        self.local_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)  # [M_local]
+        self.local_mask: torch.Tensor = torch.zeros(0, dtype=torch.bool)  # [M] which rows are local
+        self.p: C.Params = {}  # [M_local, ...] their online models
+        self.t: C.Params = {}  # [M_local, ...] their EMA targets
+        self.mom: C.Params = {}  # [M_local, ...] their SGD momentum
         self.order: tuple[np.ndarray, ...] = ()  # the open round's shard order (``round_order``)
         self.last_sync_seconds = 0.0  # duration of the latest sync
         self.synced_last_step = False
@@ -361,6 +365,15 @@ class RoundLoop(TrainLoop):
     @property
     def round_open(self) -> bool:
         return self.round_ids is not None
+
+    def owns(self, ids: np.ndarray) -> np.ndarray:
+        """Which clients ``ids`` this process holds the models, state and images of ([n] bool): all of them
+        in process (``mocosfl.distributed`` splits them over client hosts)."""
+        return np.ones(len(ids), dtype=bool)
+
+    def reduce_sum(self, sums: C.Params) -> C.Params:
+        """The sum over processes of partial FedAvg sums (float64): ``sums`` itself in process."""
+        return sums
 
     @property
     def syncs_targets(self) -> bool:
@@ -418,16 +431,16 @@ class RoundLoop(TrainLoop):
     def begin_round(self, r: int) -> None:
         """Round r's participants start from the global model, or from their own if they trained since the last sync."""
         ids = torch.from_numpy(sample_participants(self.plan, self.cfg.seed, r)).long()
-        m = len(ids)
         self.round_ids = ids
+        self.local_mask = torch.from_numpy(self.owns(ids.numpy()))
+        local = self.local_ids = ids[self.local_mask]
         self.seen_clients[ids.numpy()] = True
-        p = C.stack(self.global_params, m)
-        self.p = p
-        self.t, self.mom = self.gather_client_state(ids)
-        own = torch.from_numpy(self.steps_since_sync[ids.numpy()] > 0)
+        self.p = C.stack(self.global_params, len(local))
+        self.t, self.mom = self.gather_client_state(local)
+        own = torch.from_numpy(self.steps_since_sync[local.numpy()] > 0)
         if own.any():
             assert self.unsynced_bank is not None
-            held = C.split_parts(self.unsynced_bank.gather(ids[own]))
+            held = C.split_parts(self.unsynced_bank.gather(local[own]))
             with torch.no_grad():
                 for into, part in ((self.p, "p"), (self.t, "t"), (self.mom, "mom")):
                     for key, v in held.get(part, {}).items():
@@ -435,12 +448,13 @@ class RoundLoop(TrainLoop):
         self.p = {k: v.requires_grad_(True) for k, v in self.p.items()}
         self.order = round_order(self.shards, ids.numpy(), self.cfg.seed, r)
         sent = C.nbytes(self.global_params) + (C.nbytes(self.global_target) if self.syncs_targets else 0)
-        self.bytes_down += int((~own).sum()) * sent  # returning clients already hold their model
+        returning = self.steps_since_sync[ids.numpy()] > 0  # they already hold their model
+        self.bytes_down += int((~returning).sum()) * sent
 
     def end_round(self) -> None:
         """Close the round; participants that trained since the last sync keep their state for later."""
         assert self.round_ids is not None
-        ids = self.round_ids
+        ids = self.local_ids
         unsynced = torch.from_numpy(self.steps_since_sync[ids.numpy()] > 0)
         if unsynced.any():
             if self.unsynced_bank is None:
@@ -462,27 +476,38 @@ class RoundLoop(TrainLoop):
 
     def _fedavg_now(self) -> tuple[C.Params, C.Params | None, int]:
         """FedAvg of the open round's participants and every unsynced client outside it: (models,
-        targets or None, how many clients contributed)."""
+        targets or None, how many clients contributed).
+
+        Every process knows the contributors and their weights (they follow from the seed); each sums
+        the weighted models it holds (float64) and ``reduce_sum`` adds the processes' sums.
+        """
         live = self.round_ids.numpy() if self.round_ids is not None else np.zeros(0, dtype=np.int64)
         away = self._unsynced_ids()
+        if len(live) + len(away) == 0:  # nothing trained since the last sync
+            return self.global_params, self.global_target if self.syncs_targets else None, 0
         weights = self.fedavg_weights(np.concatenate([live, away]))
         if weights.sum() == 0:
             weights = torch.ones_like(weights)
         w = weights / weights.sum()
-        models = {k: v.detach() for k, v in self.p.items()} if len(live) else {}
-        targets = dict(self.t) if len(live) and self.syncs_targets else {}
-        if len(away):
+        live_w, away_w = w[: len(live)][self.local_mask], w[len(live) :]
+        models = {k: v.detach() for k, v in self.p.items()}  # the local participants' rows
+        targets = dict(self.t) if self.syncs_targets else {}
+        held = away[self.owns(away)]
+        if len(held):
             assert self.unsynced_bank is not None
-            held = C.split_parts(self.unsynced_bank.gather(torch.from_numpy(away)))
+            banked = C.split_parts(self.unsynced_bank.gather(torch.from_numpy(held)))
             for into, part in ((models, "p"), (targets, "t")):
-                for key, v in held.get(part, {}).items():
-                    v = v.to(self.device)
-                    into[key] = torch.cat([into[key], v]) if key in into else v
-        if not models:  # nothing trained since the last sync
-            return self.global_params, self.global_target if self.syncs_targets else None, 0
-        avg_models = C.fedavg(models, w)
-        avg_targets = C.fedavg(targets, w) if self.syncs_targets else None
-        return avg_models, avg_targets, len(w)
+                for key, v in banked.get(part, {}).items():
+                    into[key] = torch.cat([into[key], v.to(self.device)]) if key in into else v.to(self.device)
+            away_w = away_w[torch.from_numpy(self.owns(away))]
+        local_w = torch.cat([live_w, away_w])
+
+        def average(stacked: C.Params, like: C.Params) -> C.Params:
+            sums = self.reduce_sum(C.weighted_sum(stacked, local_w, like))
+            return {k: v.to(like[k].dtype) for k, v in sums.items()}
+
+        avg_targets = average(targets, self.global_target) if self.syncs_targets else None
+        return average(models, self.global_params), avg_targets, len(w)
 
     def sync(self, round_continues: bool = True) -> None:
         """FedAvg every client model trained since the last sync; everyone continues from the result."""
@@ -501,7 +526,7 @@ class RoundLoop(TrainLoop):
                 for k, v in self.p.items():
                     v.copy_(models[k].expand_as(v))
                 if targets is not None:
-                    self.t = C.stack(targets, m)
+                    self.t = C.stack(targets, len(self.local_ids))
         self.last_sync_seconds = time.perf_counter() - t0
 
     def sync_now(self) -> float:
@@ -517,14 +542,25 @@ class RoundLoop(TrainLoop):
 
     # ------------------------------------------------------------------ one step
 
-    def step_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's two augmented views per participant.  Shape: each [M, b, 3, S, S]."""
-        assert self.round_ids is not None
-        m, b = len(self.round_ids), self.plan.client_batch_size
-        idx = step_samples(self.order, self.step % self.plan.sample_period, b)  # [M*b]
+    def step_samples(self) -> np.ndarray:
+        """This step's image indices, participant-major, all M participants'; marks them seen.  Shape: [M*b]."""
+        idx = step_samples(self.order, self.step % self.plan.sample_period, self.plan.client_batch_size)
         self.seen_images[idx] = True
-        images = torch.from_numpy(np.ascontiguousarray(self.train_x[idx])).to(self.device)
-        view1, view2 = self.augment.two_views(images, torch_generator(self.cfg.seed, Stream.AUGMENT, self.step))
+        return idx
+
+    def step_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's two augmented views per local participant.  Shape: each [M_local, b, 3, S, S]."""
+        assert self.round_ids is not None
+        m, b = len(self.local_ids), self.plan.client_batch_size
+        idx = self.step_samples()  # [M*b]
+        gen = torch_generator(self.cfg.seed, Stream.AUGMENT, self.step)
+        if m == len(self.round_ids):
+            images = torch.from_numpy(np.ascontiguousarray(self.train_x[idx])).to(self.device)
+            view1, view2 = self.augment.two_views(images, gen)
+        else:  # part of the batch: augmented as the whole batch would be
+            rows = self.local_mask.repeat_interleave(b)  # [M*b]
+            images = torch.from_numpy(np.ascontiguousarray(self.train_x[idx[rows.numpy()]])).to(self.device)
+            view1, view2 = self.augment.two_views(images, gen, rows)
         return view1.view(m, b, *view1.shape[1:]), view2.view(m, b, *view2.shape[1:])
 
     def advance(self) -> float:
@@ -575,6 +611,8 @@ class RoundLoop(TrainLoop):
         if "round" in state:
             rnd = state["round"]
             self.round_ids = rnd["ids"]
+            self.local_mask = torch.from_numpy(self.owns(rnd["ids"].numpy()))
+            self.local_ids = rnd["ids"][self.local_mask]
             self.p = {k: v.clone().requires_grad_(True) for k, v in rnd["p"].items()}
             self.t, self.mom = rnd["t"], rnd["mom"]
             r = self.step // self.plan.sample_period

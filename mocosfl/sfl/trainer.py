@@ -135,20 +135,34 @@ class MocoSFLTrainer(RoundLoop):
     # ------------------------------------------------------------------ one step
 
     def train_step(self) -> float:
-        plan, cfg = self.plan, self.cfg
-        assert self.round_ids is not None
-        m, b = len(self.round_ids), plan.client_batch_size
-        view1, view2 = self.step_views()  # [M, b, 3, S, S]
+        """One split step: the clients' forward, the server's step on the concatenated batch, the
+        clients' backward. ``mocosfl.distributed`` runs the same three parts in separate processes."""
+        lr = cosine_lr(self.cfg.pretrain.lr, self.step, self.plan.total_steps)
+        h_q, h_k = self.client_forward(*self.step_views())
+        loss, grad = self.server_step(h_q.detach(), h_k, lr)
+        self.client_backward(h_q, grad, lr)
+        return loss
 
-        # Clients: online forward keeps its graph, target forward does not. Both compute in the run's
-        # precision, but the wire carries fp32 either way, so bytes sent do not depend on it.
+    def client_forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local participants' smashed data: h_q with its graph, h_k without.
+
+        Both compute in the run's precision, but the wire carries fp32 either way, so bytes sent do not
+        depend on it. Shape: views [M_local, b, 3, S, S] -> each [M_local, b, C', H', W'] fp32.
+        """
         with autocast(self.precision, self.device):
-            h_q = C.batched_forward(self.client_module, self.p, view1)  # [M, b, C', H', W']
+            h_q = C.batched_forward(self.client_module, self.p, view1)
             with torch.no_grad():
                 h_k = C.batched_forward(self.client_module, self.t, view2)
-        h_q, h_k = h_q.float(), h_k.float()
+        return h_q.float(), h_k.float()
+
+    def server_step(self, h_q: torch.Tensor, h_k: torch.Tensor, lr: float) -> tuple[float, torch.Tensor]:
+        """The server's part of a step on all M participants' smashed data: MoCo loss, backward, SGD,
+        EMA, enqueue. Returns (loss, dloss/dh_q).  Shape: h_q, h_k [M, b, C', H', W']; grad as h_q."""
+        cfg = self.cfg
+        assert self.round_ids is not None
+        m, b = h_q.shape[:2]
         # Vector concatenation: the server sees one batch of B = M*b smashed samples.
-        smashed_q = h_q.detach().flatten(0, 1).requires_grad_(True)  # [B, C', H', W']
+        smashed_q = h_q.flatten(0, 1).requires_grad_(True)  # [B, C', H', W']
         smashed_k = h_k.flatten(0, 1)
         self.bytes_up += smashed_q.numel() * smashed_q.element_size() * 2
 
@@ -156,7 +170,6 @@ class MocoSFLTrainer(RoundLoop):
             negatives = self.queue.keys  # no copy: the queue is only written after backward
         else:
             negatives = self.queue.negatives(self.round_ids.repeat_interleave(b).to(self.device))
-        lr = cosine_lr(cfg.pretrain.lr, self.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -172,25 +185,27 @@ class MocoSFLTrainer(RoundLoop):
         )
         check_finite(loss, self.step)
         self.optimizer.step()
-
-        # The server returns each client its slice of dloss/dh_q; clients backprop locally.
-        grad = smashed_q.grad.view_as(h_q)  # type: ignore[union-attr]
-        self.bytes_down += grad.numel() * grad.element_size()
-        names = list(self.p)
-        grads = torch.autograd.grad(h_q, [self.p[k] for k in names], grad)
-        C.sgd_step(
-            self.p, dict(zip(names, grads, strict=True)), self.mom, lr, cfg.pretrain.momentum, cfg.pretrain.weight_decay
-        )
-
-        tau = cfg.moco.ema
-        ema_update_module(self.server_target, self.server, tau)
-        C.ema_update(self.t, self.p, tau)
+        ema_update_module(self.server_target, self.server, cfg.moco.ema)
         if isinstance(self.queue, KeyQueue):
             self.queue.enqueue(keys)
         else:
             per_client = keys.view(-1, m, b, keys.shape[-1]).transpose(0, 1).reshape(m, -1, keys.shape[-1])
             self.queue.enqueue(self.round_ids.to(self.device), per_client)  # [M, terms*b, D]
-        return loss.item()
+        # The server returns each client its slice of dloss/dh_q.
+        grad = smashed_q.grad.view_as(h_q)  # type: ignore[union-attr]
+        self.bytes_down += grad.numel() * grad.element_size()
+        return loss.item(), grad
+
+    def client_backward(self, h_q: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """The local participants back-propagate the server's gradient, step SGD and their EMA targets.
+        Shape: h_q, grad [M_local, b, C', H', W']."""
+        cfg = self.cfg
+        names = list(self.p)
+        grads = torch.autograd.grad(h_q, [self.p[k] for k in names], grad)
+        C.sgd_step(
+            self.p, dict(zip(names, grads, strict=True)), self.mom, lr, cfg.pretrain.momentum, cfg.pretrain.weight_decay
+        )
+        C.ema_update(self.t, self.p, cfg.moco.ema)
 
     # ------------------------------------------------------------------ evaluation
 
