@@ -230,6 +230,12 @@ def cmd_bench(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl.io import write_json
 
     clients = args.clients or [cfg.partition.num_clients]
+    if cfg.distributed.client_hosts:
+        from mocosfl.distributed.bench import bench_distributed
+
+        rows = [bench_distributed(cfg, n, log=log.info) for n in clients]
+        write_json(Path(cfg.metrics_dir) / "bench-distributed.json", {"results": rows})
+        return {"results": rows}
     result = bench.bench(cfg, clients, log=log.info)
     plot = Path(cfg.metrics_dir) / "bench.png"
     bench.plot_bench(result["results"], plot)
@@ -295,9 +301,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mocosfl.config import ConfigError
     from mocosfl.data.partition import PartitionError
     from mocosfl.data.prepare import DataError
+    from mocosfl.distributed.roles import DistributedError
     from mocosfl.sfl.trainer import TrainingDiverged
 
-    return (CommandError, ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged)
+    return (CommandError, ConfigError, DataError, PartitionError, FileNotFoundError, TrainingDiverged, DistributedError)
 
 
 class _StderrHandler(logging.Handler):

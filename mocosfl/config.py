@@ -121,6 +121,19 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """MocoSFL's clients and server as separate processes on torch.distributed (``mocosfl.distributed``)."""
+
+    # Client hosts, each a process owning a fixed block of clients and only their images; rank 0 is the
+    # server. 0 = the in-process simulation.
+    client_hosts: int = 0
+    # Rendezvous host:port of the server (rank 0); port 0 = a free port on this host (one-host launch).
+    endpoint: str = "127.0.0.1:0"
+    timeout_s: float = 60.0  # a rank that does not join or answer within this fails the run with one line
+    client_host_threads: int = 1  # torch intra-op threads per client host (the server: pretrain.num_threads)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     encoder: Literal["trained", "random"] = "trained"
     knn_k: int = 200
@@ -179,6 +192,7 @@ class Config:
     sfl: SflConfig = field(default_factory=SflConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -211,6 +225,9 @@ PATH_KEYS = {
     "pretrain.keep_checkpoints",
     "pretrain.compile",
     "pretrain.precision",  # hashed resolved (fp32/bf16) by the run id, not as written
+    "distributed.endpoint",
+    "distributed.timeout_s",
+    "distributed.client_host_threads",
 }
 PATH_FIELDS = {
     "data.source",
@@ -346,6 +363,7 @@ def validate(cfg: Config) -> Config:
         "evaluate.linear_batch_size",
         "evaluate.batch_size",
         "bench.steps",
+        "distributed.client_host_threads",
         "data.train_limit",
         "data.test_limit",
         "data.val_size",
@@ -359,10 +377,12 @@ def validate(cfg: Config) -> Config:
     ]:
         _positive(key, get_dotted(cfg, key))
     _positive("bench.warmup", cfg.bench.warmup, 0)
+    _positive("distributed.client_hosts", cfg.distributed.client_hosts, 0)
     for key in [
         "partition.dirichlet_alpha",
         "moco.temperature",
         "pretrain.lr",
+        "distributed.timeout_s",
         "evaluate.knn_temperature",
         "evaluate.linear_lr",
     ]:

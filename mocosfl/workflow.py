@@ -54,7 +54,7 @@ __all__ = ["load_latest_checkpoint", "save_checkpoint", "write_json"]  # re-expo
 
 _log = logging.getLogger(__name__)
 
-PRETRAIN_SECTIONS = ("seed", "data", "partition", "model", "augment", "sfl", "moco", "pretrain")
+PRETRAIN_SECTIONS = ("seed", "data", "partition", "model", "augment", "sfl", "moco", "pretrain", "distributed")
 # What pretrain can train: MocoSFL and the baselines at the same plan (mocosfl/baselines/).
 METHODS = ("mocosfl", "central", "flmoco")
 ENCODER_FORMAT = "mocosfl-encoder-v1"
@@ -346,9 +346,20 @@ def pretrain(
         write_plot_data(cfg.metrics_dir, result["history"])  # DVC deleted the plot files before this re-run
         return result  # type: ignore[no-any-return]
 
+    distributed = cfg.distributed.client_hosts > 0
+    if distributed and not torch.distributed.is_initialized():  # this process launches the ranks
+        from mocosfl.distributed.launch import launch
+
+        return launch(cfg, method, directory)
     device = resolve_device(cfg.device)
     norm = ds.normalization
-    trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn_data(cfg, ds), device)
+    if distributed:  # rank 0 of a distributed run: the server, without the training images
+        from mocosfl.distributed.roles import ServerTrainer
+
+        no_images = np.zeros((len(ds.train_idx), 0, 0, 3), dtype=np.uint8)
+        trainer: TrainLoop = ServerTrainer(cfg, no_images, shards, norm.mean, norm.std, knn_data(cfg, ds), device)
+    else:
+        trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn_data(cfg, ds), device)
     # After the trainer, whose plan may reject the config: a bad input stays a one-line error.
     _log.info("normalization: %s (mean %s, std %s)", norm.source, norm.mean, norm.std)
     state = load_latest_checkpoint(directory)

@@ -102,23 +102,16 @@ def fedavg(stacked: Params, weights: torch.Tensor) -> Params:
     reference's averaging double-counted one client).
     """
     w = weights.to(dtype=torch.float64)
-    sums = weighted_sum(stacked, w / w.sum(), {k: v[0] for k, v in stacked.items()})
-    return {k: v.to(stacked[k].dtype) for k, v in sums.items()}
+    return {k: v.to(stacked[k].dtype) for k, v in weighted_sum(stacked, w / w.sum()).items()}
 
 
 @torch.no_grad()
-def weighted_sum(stacked: Params, weights: torch.Tensor, like: Params) -> Params:
-    """Sum over the participant dimension with ``weights`` [M] (float64, normalised by the caller over
-    every contributor, here or in other processes), in float64; ``like``'s shapes when M = 0.
-    Shape: [M, *] -> [*]."""
+def weighted_sum(stacked: Params, weights: torch.Tensor) -> Params:
+    """Sum over the participant dimension with ``weights`` [M], in float64.  Shape: [M, *] -> [*]."""
     out = {}
-    for name, ref in like.items():
-        v = stacked.get(name)
-        if v is None or v.shape[0] == 0:
-            out[name] = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
-            continue
+    for name, v in stacked.items():
         shape = (-1,) + (1,) * (v.dim() - 1)
-        out[name] = (v.double() * weights.to(v.device).view(shape)).sum(dim=0)
+        out[name] = (v.double() * weights.to(v.device, torch.float64).view(shape)).sum(dim=0)
     return out
 
 

@@ -281,6 +281,21 @@ class TrainLoop:
         k = self.knn
         return knn_top1(bank, k.bank_y, queries, k.query_y, k.num_classes, e.knn_k, e.knn_temperature)
 
+    def history_due(self) -> bool:
+        """Whether the step just taken gets a history row (MLflow metrics, report curves): one per epoch,
+        but at least ~50 per run, and the last step."""
+        plan, pc = self.plan, self.cfg.pretrain
+        every = max(1, min(pc.knn_every, plan.steps_per_epoch, math.ceil(plan.total_steps / 50)))
+        return self.step % every == 0 or self.step == plan.total_steps
+
+    def knn_due(self) -> bool:
+        """Whether the step just taken runs the kNN monitor (on a history row)."""
+        last = self.step == self.plan.total_steps
+        return self.history_due() and (self.step % self.cfg.pretrain.knn_every == 0 or last)
+
+    def checkpoint_due(self) -> bool:
+        return self.step % self.cfg.pretrain.checkpoint_every == 0 or self.step == self.plan.total_steps
+
     def run(
         self,
         on_step: Callable[[dict[str, float]], None] | None = None,
@@ -288,14 +303,12 @@ class TrainLoop:
     ) -> None:
         """Train from ``self.step`` to the plan's last step."""
         plan, pc = self.plan, self.cfg.pretrain
-        # A history row (MLflow metrics, report curves) per epoch, but at least ~50 per run.
-        log_every = max(1, min(pc.knn_every, plan.steps_per_epoch, math.ceil(plan.total_steps / 50)))
         window_start = time.perf_counter()
         while self.step < plan.total_steps:
             loss = self.advance()
             self.window_losses.append(loss)
             row: dict[str, float] = {"step": self.step, "loss": loss}
-            if self.step % log_every == 0 or self.step == plan.total_steps:
+            if self.history_due():
                 elapsed = time.perf_counter() - window_start
                 row.update(
                     epoch=self.step / plan.steps_per_epoch,
@@ -304,7 +317,7 @@ class TrainLoop:
                     steps_per_s=len(self.window_losses) / max(elapsed, 1e-9),
                     bytes_per_client=(self.bytes_up + self.bytes_down) / plan.num_clients,
                 )
-                if self.step % pc.knn_every == 0 or self.step == plan.total_steps:
+                if self.knn_due():
                     t_knn = time.perf_counter()
                     knn = self.knn_monitor()
                     self.knn_seconds += time.perf_counter() - t_knn
@@ -315,7 +328,7 @@ class TrainLoop:
                 window_start = time.perf_counter()
             if on_step:
                 on_step(row)
-            if on_checkpoint and (self.step % pc.checkpoint_every == 0 or self.step == plan.total_steps):
+            if on_checkpoint and self.checkpoint_due():
                 on_checkpoint(self)
 
 
@@ -370,10 +383,6 @@ class RoundLoop(TrainLoop):
         """Which clients ``ids`` this process holds the models, state and images of ([n] bool): all of them
         in process (``mocosfl.distributed`` splits them over client hosts)."""
         return np.ones(len(ids), dtype=bool)
-
-    def reduce_sum(self, sums: C.Params) -> C.Params:
-        """The sum over processes of partial FedAvg sums (float64): ``sums`` itself in process."""
-        return sums
 
     @property
     def syncs_targets(self) -> bool:
@@ -478,18 +487,18 @@ class RoundLoop(TrainLoop):
         """FedAvg of the open round's participants and every unsynced client outside it: (models,
         targets or None, how many clients contributed).
 
-        Every process knows the contributors and their weights (they follow from the seed); each sums
-        the weighted models it holds (float64) and ``reduce_sum`` adds the processes' sums.
+        Every process knows the contributors and their weights (they follow from the seed) and holds the
+        rows of those it ``owns``: the live participants' in round order, then the banked ones by id.
         """
         live = self.round_ids.numpy() if self.round_ids is not None else np.zeros(0, dtype=np.int64)
         away = self._unsynced_ids()
-        if len(live) + len(away) == 0:  # nothing trained since the last sync
+        ids = np.concatenate([live, away])
+        if len(ids) == 0:  # nothing trained since the last sync
             return self.global_params, self.global_target if self.syncs_targets else None, 0
-        weights = self.fedavg_weights(np.concatenate([live, away]))
+        weights = self.fedavg_weights(ids)
         if weights.sum() == 0:
             weights = torch.ones_like(weights)
         w = weights / weights.sum()
-        live_w, away_w = w[: len(live)][self.local_mask], w[len(live) :]
         models = {k: v.detach() for k, v in self.p.items()}  # the local participants' rows
         targets = dict(self.t) if self.syncs_targets else {}
         held = away[self.owns(away)]
@@ -499,15 +508,14 @@ class RoundLoop(TrainLoop):
             for into, part in ((models, "p"), (targets, "t")):
                 for key, v in banked.get(part, {}).items():
                     into[key] = torch.cat([into[key], v.to(self.device)]) if key in into else v.to(self.device)
-            away_w = away_w[torch.from_numpy(self.owns(away))]
-        local_w = torch.cat([live_w, away_w])
+        avg_models = self.average(models, ids, w, self.global_params)
+        avg_targets = self.average(targets, ids, w, self.global_target) if self.syncs_targets else None
+        return avg_models, avg_targets, len(ids)
 
-        def average(stacked: C.Params, like: C.Params) -> C.Params:
-            sums = self.reduce_sum(C.weighted_sum(stacked, local_w, like))
-            return {k: v.to(like[k].dtype) for k, v in sums.items()}
-
-        avg_targets = average(targets, self.global_target) if self.syncs_targets else None
-        return average(models, self.global_params), avg_targets, len(w)
+    def average(self, rows: C.Params, ids: np.ndarray, w: torch.Tensor, like: C.Params) -> C.Params:
+        """The weighted mean of the contributors ``ids`` ([K], weights ``w`` summing to 1) given the rows
+        this process holds (``owns``; in process all K, in ``ids`` order), in ``like``'s dtypes."""
+        return {k: v.to(like[k].dtype) for k, v in C.weighted_sum(rows, w).items()}
 
     def sync(self, round_continues: bool = True) -> None:
         """FedAvg every client model trained since the last sync; everyone continues from the result."""

@@ -72,6 +72,12 @@ class MocoSFLTrainer(RoundLoop):
         )
         self.client_module.to(self.device)
         C.check_stackable(self.client_module)
+        self.setup_clients()
+        self.setup_server()
+
+    def setup_server(self) -> None:
+        """The server's half: its model and EMA target, optimizer and key queue."""
+        cfg, m = self.cfg, self.cfg.model
         self.server.to(self.device)
         self.server_target = build_split_model(
             m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
@@ -88,10 +94,13 @@ class MocoSFLTrainer(RoundLoop):
             momentum=cfg.pretrain.momentum,
             weight_decay=cfg.pretrain.weight_decay,
         )
+        self.setup_queue()
 
+    def setup_clients(self) -> None:
+        """The clients' half: the global client model and target, and the O(N) per-client state banks."""
+        cfg, n = self.cfg, self.plan.num_clients
         self.global_params = C.module_params(self.client_module)
         self.global_target = {k: v.clone() for k, v in self.global_params.items()}
-        n = self.plan.num_clients
         bank = {
             "storage_dtype": getattr(torch, cfg.sfl.client_state_dtype),
             "file_dir": Path(cfg.pretrain.runs_dir) if cfg.sfl.client_state_storage == "file" else None,
@@ -101,8 +110,11 @@ class MocoSFLTrainer(RoundLoop):
             None if cfg.sfl.sync_targets else C.ClientStateBank(self.global_params, n, fill="copy", **bank)
         )
 
+    def setup_queue(self) -> None:
+        """MoCo's key queue: shared by all clients (feature sharing), or one per client."""
+        cfg, n = self.cfg, self.plan.num_clients
         queue_gen = torch_generator(cfg.seed, Stream.QUEUE_INIT)
-        dim = m.proj_dim
+        dim = cfg.model.proj_dim
         if cfg.moco.feature_sharing:
             self.queue: KeyQueue | PerClientQueue = KeyQueue(cfg.moco.queue_size, dim, queue_gen, self.device)
         else:

@@ -1,0 +1,85 @@
+"""One rank of a distributed run (``torchrun ... -m mocosfl.distributed.worker CONFIG.json [--bench DIR]``).
+
+Rank 0 runs ``workflow.pretrain`` as the server (metrics, checkpoint, encoder, tracking as in process);
+rank h + 1 runs client host h on its own clients' images only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from mocosfl.config import Config, from_dict
+
+log = logging.getLogger("mocosfl.distributed")
+
+
+def run_client_host(cfg: Config, host: int) -> None:
+    """Client host ``host``: load only its clients' shards' images, then follow the server step by step."""
+    from mocosfl import workflow
+    from mocosfl.distributed.roles import ClientHostTrainer, LocalImages, client_hosts_of
+    from mocosfl.sfl.loop import resolve_device
+
+    ds = workflow.Dataset(cfg)
+    shards = workflow.load_partition(cfg, ds)
+    owner = client_hosts_of(len(shards), cfg.distributed.client_hosts)
+    own = np.sort(np.concatenate([shards[i] for i in np.flatnonzero(owner == host)]))
+    images = LocalImages(ds.prepared.train_x[ds.train_idx[own]], len(ds.train_idx), own)
+    norm = ds.normalization
+    device = resolve_device(cfg.device)
+    trainer = ClientHostTrainer(cfg, host, images, shards, norm.mean, norm.std, None, device)
+    log.info("client host %d: %d clients, %d images", host, int((owner == host).sum()), len(own))
+    trainer.run_host()
+
+
+def run_server(cfg: Config) -> None:
+    from mocosfl import workflow
+    from mocosfl.tracking import load_tracker
+
+    def on_step(row: dict[str, float]) -> None:
+        if "epoch" in row:
+            knn = f", kNN {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
+            log.info("step %d: loss %.3f%s", int(row["step"]), row["loss_mean"], knn)
+
+    workflow.pretrain(cfg, on_step=on_step, tracker=load_tracker(cfg))
+
+
+def main(argv: list[str]) -> int:
+    from mocosfl import runtime
+    from mocosfl.cli import configure_logging, user_errors
+
+    configure_logging()
+    cfg = from_dict(json.loads(Path(argv[0]).read_text()))
+    bench_dir = Path(argv[2]) if argv[1:2] == ["--bench"] else None
+    rank = int(os.environ["RANK"])
+    # torchrun sets OMP_NUM_THREADS=1 for every rank; the server keeps the host's cores unless told.
+    threads = (cfg.pretrain.num_threads or len(os.sched_getaffinity(0))) if rank == 0 else None
+    runtime.configure(threads or cfg.distributed.client_host_threads)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    try:
+        if bench_dir is not None:
+            from mocosfl.distributed.bench import run_rank
+
+            run_rank(cfg, bench_dir)
+        elif rank == 0:
+            run_server(cfg)
+        else:
+            run_client_host(cfg, rank - 1)
+    except user_errors() as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"mocosfl pretrain (rank {rank}): error: {first}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
