@@ -98,6 +98,7 @@ def run_rank(cfg: Config, out_dir: Path) -> None:
     from mocosfl.distributed.roles import ClientHostTrainer, LocalImages, ServerTrainer, client_hosts_of
 
     rank, n = dist.get_rank(), cfg.partition.num_clients
+    start_rss, start_anon = rss_mb(), rss_mb("RssAnon")  # torch's runtime (~1 GB), before data and models
     pixels, num_train, shards, mean, std = _data(cfg, n)
     device = resolve_device(cfg.device)
     row: dict[str, Any] = {"rank": rank, "threads": torch.get_num_threads()}
@@ -128,7 +129,22 @@ def run_rank(cfg: Config, out_dir: Path) -> None:
             wall_per_step=(time.perf_counter() - t_wire) / timed,
         )
     row["peak_rss_mb"] = peak_rss_mb()
+    row["start_rss_mb"] = start_rss
+    row["anon_rss_added_mb"] = rss_mb("RssAnon") - start_anon  # what the role holds at the end
     write_json(out_dir / f"rank-{rank}.json", row)
+
+
+def rss_mb(kind: str = "VmRSS") -> float:
+    """This process's resident memory now (MB) from /proc/self/status: ``VmRSS`` (all of it) or
+    ``RssAnon`` (its own memory, without the file pages of shared libraries and memory-mapped data);
+    nan where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(kind + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return float("nan")
 
 
 def _loopback_tx() -> int:
@@ -181,11 +197,19 @@ def bench_distributed(cfg: Config, n: int, log: Callable[[str], None] = log.info
         "wire_vs_accounting": wire / before["accounted_bytes_per_step"] if wire else None,
         "server_peak_rss_mb": server["peak_rss_mb"],
         "client_host_peak_rss_mb": [r["peak_rss_mb"] for r in ranks[1:]],
+        # What each role added above torch's runtime: its data, models and activations.
+        "server_rss_above_start_mb": server["peak_rss_mb"] - server["start_rss_mb"],
+        "client_host_rss_above_start_mb": [r["peak_rss_mb"] - r["start_rss_mb"] for r in ranks[1:]],
+        "server_anon_rss_added_mb": server["anon_rss_added_mb"],
+        "client_host_anon_rss_added_mb": [r["anon_rss_added_mb"] for r in ranks[1:]],
     }
     log(
         f"  in-process {inproc_s * 1000:.0f} ms/step, distributed {server['step_s'] * 1000:.0f} ms/step "
         f"(ratio {row['distributed_ratio']:.3f}); bytes/step wire {wire or float('nan'):.0f} vs accounted "
-        f"{before['accounted_bytes_per_step']:.0f}; peak RSS server {server['peak_rss_mb']:.0f} MB, "
-        f"client hosts {', '.join(f'{r:.0f}' for r in row['client_host_peak_rss_mb'])} MB"
+        f"{before['accounted_bytes_per_step']:.0f}; peak RSS above torch's runtime: server "
+        f"{row['server_rss_above_start_mb']:.0f} MB, client hosts "
+        f"{', '.join(f'{r:.0f}' for r in row['client_host_rss_above_start_mb'])} MB; own (anonymous) memory "
+        f"added: server {row['server_anon_rss_added_mb']:.0f} MB, client hosts "
+        f"{', '.join(f'{r:.0f}' for r in row['client_host_anon_rss_added_mb'])} MB"
     )
     return row
