@@ -66,12 +66,21 @@ def save_checkpoint(directory: Path, state: dict[str, Any], keep: int) -> Path:
     return path
 
 
-def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """Newest readable checkpoint; an unreadable one is skipped with a warning, never deleted.
+def checkpoint_step(path: Path) -> int:
+    """The step a ``ckpt-<step>.pt`` file was saved at."""
+    return int(path.stem.split("-", 1)[1])
+
+
+def load_latest_checkpoint(directory: Path, step: int | None = None) -> dict[str, Any] | None:
+    """Newest readable checkpoint (only the one of ``step`` when given); an unreadable one is skipped with
+    a warning, never deleted.
 
     Bank entries come back as the Path of their .npy file, for ``ClientStateBank.load_``.
     """
-    for path in reversed(checkpoint_files(directory)):
+    files = checkpoint_files(directory)
+    if step is not None:
+        files = [f for f in files if checkpoint_step(f) == step]
+    for path in reversed(files):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             for name, value in state.items():

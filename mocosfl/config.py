@@ -131,6 +131,8 @@ class DistributedConfig:
     endpoint: str = "127.0.0.1:0"
     timeout_s: float = 60.0  # a rank that does not join or answer within this fails the run with one line
     client_host_threads: int = 1  # torch intra-op threads per client host (the server: pretrain.num_threads)
+    # torchrun restarts every rank from the last checkpoint all of them hold this many times after a failure.
+    max_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,7 @@ PATH_KEYS = {
     "distributed.endpoint",
     "distributed.timeout_s",
     "distributed.client_host_threads",
+    "distributed.max_restarts",
 }
 PATH_FIELDS = {
     "data.source",
@@ -378,6 +381,7 @@ def validate(cfg: Config) -> Config:
         _positive(key, get_dotted(cfg, key))
     _positive("bench.warmup", cfg.bench.warmup, 0)
     _positive("distributed.client_hosts", cfg.distributed.client_hosts, 0)
+    _positive("distributed.max_restarts", cfg.distributed.max_restarts, 0)
     for key in [
         "partition.dirichlet_alpha",
         "moco.temperature",

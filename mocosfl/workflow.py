@@ -362,9 +362,14 @@ def pretrain(
         trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn_data(cfg, ds), device)
     # After the trainer, whose plan may reject the config: a bad input stays a one-line error.
     _log.info("normalization: %s (mean %s, std %s)", norm.source, norm.mean, norm.std)
-    state = load_latest_checkpoint(directory)
-    if state is not None:
-        trainer.load_state_dict(state)
+    if distributed:  # every rank resumes from the newest step all of them checkpointed
+        from mocosfl.distributed.roles import load_agreed_checkpoint
+
+        load_agreed_checkpoint(trainer, directory)
+    else:
+        state = load_latest_checkpoint(directory)
+        if state is not None:
+            trainer.load_state_dict(state)
     start_step = trainer.step
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", cfg.to_dict())

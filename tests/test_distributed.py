@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,31 +40,37 @@ def test_unsupported_options_are_refused_with_one_line(tmp_path: Path) -> None:
     cfg = load_config(PARAMS, "test", ["distributed.client_hosts=2"])
     with pytest.raises(ConfigError, match="MocoSFL only"):
         check_supported(cfg, "flmoco", tmp_path / "run")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "ckpt-000010.pt").write_bytes(b"")
-    with pytest.raises(ConfigError, match="resuming one is not supported yet"):
-        check_supported(cfg, "mocosfl", tmp_path / "run")
+    with pytest.raises(ConfigError, match="compile=on is not supported"):
+        check_supported(cfg.replace(**{"pretrain.compile": "on"}), "mocosfl", tmp_path / "run")
     with pytest.raises(ConfigError, match="expected host:port"):
         parse_endpoint("localhost")
     with pytest.raises(ConfigError, match="distributed.client_hosts=-1 is invalid"):
         load_config(PARAMS, "test", ["distributed.client_hosts=-1"])
 
 
-@pytest.mark.integration
-def test_two_client_hosts_equal_the_simulation(prepared: list[str], tmp_path: Path) -> None:
-    """The acceptance run: `mocosfl pretrain --set distributed.client_hosts=2` on the test profile, 20 steps,
-    against the in-process run. FedAvg is computed by the server in the simulation's order, so the losses
-    are equal (measured: bit-identical); the bound is the one stated for float reduction order."""
-    steps = ["pretrain.steps=20"]
-    results = {}
-    for hosts in (0, 2):
-        where = [f"metrics_dir={tmp_path / str(hosts)}", f"distributed.client_hosts={hosts}"]
-        cmd = [sys.executable, "-m", "mocosfl", *cli_args("pretrain", prepared + steps + where)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        results[hosts] = json.loads((tmp_path / str(hosts) / "pretrain.json").read_text())
-    sim, dist = results[0], results[2]
-    assert dist["run_id"] != sim["run_id"]  # its own run directory, never a resumed simulation
+STEPS = ["pretrain.steps=20"]
+
+
+def pretrain_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mocosfl", *cli_args("pretrain", overrides)]
+
+
+def pretrain_result(overrides: list[str], metrics: Path) -> dict:
+    done = subprocess.run(
+        pretrain_cmd(overrides + [f"metrics_dir={metrics}"]), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((metrics / "pretrain.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def simulated(prepared: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The in-process run every distributed run is compared with (test profile, 20 steps)."""
+    return pretrain_result(prepared + STEPS, tmp_path_factory.mktemp("simulated"))
+
+
+def assert_same_numbers(sim: dict, dist: dict) -> None:
+    """The stated tolerance of a distributed run against the simulation (float reduction order)."""
     assert len(dist["history"]) == len(sim["history"]) == 20
     for a, b in zip(sim["history"], dist["history"], strict=True):
         assert abs(b["loss_mean"] - a["loss_mean"]) <= 1e-3 * abs(a["loss_mean"]), (a, b)
@@ -69,6 +78,57 @@ def test_two_client_hosts_equal_the_simulation(prepared: list[str], tmp_path: Pa
     assert abs(dist["knn_top1"] - sim["knn_top1"]) <= 1.0
     for key in ("bytes_up_total", "bytes_down_total", "distinct_clients", "distinct_images", "steps"):
         assert dist[key] == sim[key], key
+
+
+@pytest.mark.integration
+def test_two_client_hosts_equal_the_simulation(prepared: list[str], simulated: dict, tmp_path: Path) -> None:
+    """The acceptance run: `mocosfl pretrain --set distributed.client_hosts=2` on the test profile, 20 steps,
+    against the in-process run. FedAvg is computed by the server in the simulation's order, so the losses
+    are equal (measured: bit-identical); the bound is the one stated for float reduction order."""
+    dist = pretrain_result(prepared + STEPS + ["distributed.client_hosts=2"], tmp_path)
+    assert dist["run_id"] != simulated["run_id"]  # its own run directory, never a resumed simulation
+    assert_same_numbers(simulated, dist)
+
+
+def _worker_pid(rank: int, marker: str) -> int | None:
+    """The pid of the distributed worker of ``rank`` whose command line mentions ``marker``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "mocosfl.distributed.worker" in cmdline and marker in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.integration
+def test_a_client_host_killed_mid_run_restarts_from_the_checkpoint(
+    prepared: list[str], simulated: dict, tmp_path: Path
+) -> None:
+    """SIGKILL client host 0 after its step-10 checkpoint: torchrun restarts every rank, they resume from
+    the newest step all of them checkpointed, and the run ends with the uninterrupted run's numbers."""
+    runs = tmp_path / "runs"  # a run directory of its own (the other test's run is finished)
+    over = prepared + STEPS + [f"pretrain.runs_dir={runs}", "pretrain.checkpoint_every=5"]
+    over += ["distributed.client_hosts=2", "distributed.max_restarts=1", f"metrics_dir={tmp_path}"]
+    proc = subprocess.Popen(pretrain_cmd(over), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            if list(runs.glob("*/client-host-0/ckpt-000000010.pt")):
+                killed = _worker_pid(1, str(runs))
+                if killed:
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert killed is not None, "the run ended before client host 0 could be killed"
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming at step" in err  # the restarted ranks resumed from a checkpoint
+    assert_same_numbers(simulated, json.loads((tmp_path / "pretrain.json").read_text()))
 
 
 @pytest.mark.integration

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mocosfl.checkpoints import checkpoint_files
 from mocosfl.config import Config, ConfigError
 from mocosfl.distributed.roles import DistributedError
 from mocosfl.io import write_json
@@ -43,11 +42,6 @@ def check_supported(cfg: Config, method: str, directory: Path) -> None:
         )
     if cfg.pretrain.compile == "on":
         raise ConfigError("pretrain.compile=on is not supported with distributed.client_hosts > 0")
-    if directory.exists() and checkpoint_files(directory):
-        raise ConfigError(
-            f"{directory} holds an unfinished distributed run; resuming one is not supported yet: "
-            "delete that directory to train it again"
-        )
 
 
 def torchrun(cfg: Config, worker_args: list[str]) -> int:
@@ -62,9 +56,12 @@ def torchrun(cfg: Config, worker_args: list[str]) -> int:
         "torch.distributed.run",
         "--nnodes=1",
         f"--nproc-per-node={hosts + 1}",
-        f"--master-addr={host}",
-        f"--master-port={port}",
-        "--max-restarts=0",
+        # c10d rendezvous: every restart is a new rendezvous round with a fresh store (with the static one
+        # a restarted group read the previous attempt's gloo addresses and never connected).
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={host}:{port}",
+        f"--rdzv-conf=join_timeout={int(cfg.distributed.timeout_s)}",
+        f"--max-restarts={cfg.distributed.max_restarts}",
         "-m",
         "mocosfl.distributed.worker",
         *worker_args,
@@ -82,5 +79,8 @@ def launch(cfg: Config, method: str, directory: Path) -> dict[str, Any]:
     rc = torchrun(cfg, [str(config_file)])
     done = directory / "pretrain.json"
     if rc != 0 or not done.exists():
-        raise DistributedError(f"the distributed run failed (torchrun exit {rc}); each rank's error is above")
+        raise DistributedError(
+            f"the distributed run failed (torchrun exit {rc}, after up to {cfg.distributed.max_restarts} "
+            "restarts from the last checkpoint); each rank's error is above"
+        )
     return json.loads(done.read_text())  # type: ignore[no-any-return]

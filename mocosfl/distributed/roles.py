@@ -17,18 +17,21 @@ expected shape, and checked to be finite before use.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from mocosfl.checkpoints import checkpoint_files, checkpoint_step, load_latest_checkpoint, save_checkpoint
 from mocosfl.config import Config, ConfigError
 from mocosfl.sfl import clients as C
-from mocosfl.sfl.loop import KnnData, cosine_lr
+from mocosfl.sfl.loop import KnnData, RoundLoop, TrainLoop, cosine_lr
 from mocosfl.sfl.trainer import MocoSFLTrainer
 
 SERVER = 0  # the server's rank; client host h (0-based) is rank h + 1
+_MAX_CHECKPOINTS = 16  # checkpoint steps a rank offers when the ranks agree on where to resume
 
 
 class DistributedError(RuntimeError):
@@ -176,10 +179,6 @@ class ServerTrainer(_Rank):
             self.current_params()
         return super().knn_monitor()
 
-    def checkpoint_due(self) -> bool:
-        # Mid-run checkpoints would need the client hosts' state too (not written yet): only the last step.
-        return self.step == self.plan.total_steps
-
 
 class ClientHostTrainer(_Rank):
     """Rank h + 1: client host h, holding its block of clients (models, state, images) and no server.
@@ -209,15 +208,47 @@ class ClientHostTrainer(_Rank):
         self.client_backward(h_q, grad, lr)
         return math.nan  # the loss is the server's
 
-    def run_host(self) -> None:
+    def run_host(self, checkpoint_dir: Path) -> None:
+        """Follow the server to the last step; checkpoint this host's state into ``checkpoint_dir`` at the
+        steps the server checkpoints at, so a restarted run resumes every rank from the same step."""
         while self.step < self.plan.total_steps:
             self.advance()
             if self.knn_due():
                 self.current_params()
+            if self.checkpoint_due():
+                save_checkpoint(checkpoint_dir, self.state_dict(), self.cfg.pretrain.keep_checkpoints)
         self.current_params()  # the server's final encoder
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("client hosts do not write checkpoints yet")
+        """The loop's counters and client state (open round's rows, unsynced bank) and the O(N) banks."""
+        return RoundLoop.state_dict(self) | self.bank_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        RoundLoop.load_state_dict(self, state)
+        self.load_banks(state)
+
+
+def agreed_checkpoint_step(directory: Path) -> int:
+    """The newest step every rank holds a checkpoint of, each rank looking in its own ``directory``
+    (0: start afresh). A collective: every rank calls it once, before training."""
+    steps = [checkpoint_step(p) for p in checkpoint_files(directory)][-_MAX_CHECKPOINTS:]
+    mine = torch.full((_MAX_CHECKPOINTS,), -1, dtype=torch.long)
+    mine[: len(steps)] = torch.tensor(steps, dtype=torch.long)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    common = set.intersection(*({s for s in t.tolist() if s >= 0} for t in everyone))
+    return max(common, default=0)
+
+
+def load_agreed_checkpoint(trainer: TrainLoop, directory: Path) -> None:
+    """Resume ``trainer`` (this rank) from the newest checkpoint all ranks hold, if any."""
+    step = agreed_checkpoint_step(directory)
+    if not step:
+        return
+    state = load_latest_checkpoint(directory, step)
+    if state is None:
+        raise DistributedError(f"{_name(dist.get_rank())} cannot read its checkpoint of step {step} in {directory}")
+    trainer.load_state_dict(state)
 
 
 def make_rank_trainer(

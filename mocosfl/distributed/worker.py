@@ -6,9 +6,11 @@ rank h + 1 runs client host h on its own clients' images only.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +26,7 @@ log = logging.getLogger("mocosfl.distributed")
 def run_client_host(cfg: Config, host: int) -> None:
     """Client host ``host``: load only its clients' shards' images, then follow the server step by step."""
     from mocosfl import workflow
-    from mocosfl.distributed.roles import ClientHostTrainer, LocalImages, client_hosts_of
+    from mocosfl.distributed.roles import ClientHostTrainer, LocalImages, client_hosts_of, load_agreed_checkpoint
     from mocosfl.sfl.loop import resolve_device
 
     ds = workflow.Dataset(cfg)
@@ -35,8 +37,11 @@ def run_client_host(cfg: Config, host: int) -> None:
     norm = ds.normalization
     device = resolve_device(cfg.device)
     trainer = ClientHostTrainer(cfg, host, images, shards, norm.mean, norm.std, None, device)
-    log.info("client host %d: %d clients, %d images", host, int((owner == host).sum()), len(own))
-    trainer.run_host()
+    checkpoints = workflow.run_dir(cfg, ds, workflow.shards_path(cfg)) / f"client-host-{host}"
+    load_agreed_checkpoint(trainer, checkpoints)
+    resumed = f", resuming at step {trainer.step}" if trainer.step else ""
+    log.info("client host %d: %d clients, %d images%s", host, int((owner == host).sum()), len(own), resumed)
+    trainer.run_host(checkpoints)
 
 
 def run_server(cfg: Config) -> None:
@@ -51,18 +56,37 @@ def run_server(cfg: Config) -> None:
     workflow.pretrain(cfg, on_step=on_step, tracker=load_tracker(cfg))
 
 
+def init_process_group(rank: int, timeout: timedelta) -> None:
+    """gloo over torchrun's store, under a prefix of its own per restart: the store outlives a failed
+    attempt, and without the prefix a restarted rank read the dead ranks' addresses and never connected."""
+    world = int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"mocosfl/attempt-{attempt}", store)
+    dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world, timeout=timeout)
+
+
 def main(argv: list[str]) -> int:
     from mocosfl import runtime
     from mocosfl.cli import configure_logging, user_errors
 
     configure_logging()
+    # A rank torchrun stops (another rank failed) prints where it was: a hang is never silent.
+    faulthandler.register(signal.SIGTERM, chain=True)
     cfg = from_dict(json.loads(Path(argv[0]).read_text()))
     bench_dir = Path(argv[2]) if argv[1:2] == ["--bench"] else None
     rank = int(os.environ["RANK"])
     # torchrun sets OMP_NUM_THREADS=1 for every rank; the server keeps the host's cores unless told.
     threads = (cfg.pretrain.num_threads or len(os.sched_getaffinity(0))) if rank == 0 else None
     runtime.configure(threads or cfg.distributed.client_host_threads)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    init_process_group(rank, timedelta(seconds=cfg.distributed.timeout_s))
     try:
         if bench_dir is not None:
             from mocosfl.distributed.bench import run_rank

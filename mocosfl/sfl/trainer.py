@@ -238,11 +238,19 @@ class MocoSFLTrainer(RoundLoop):
             optimizer=self.optimizer.state_dict(),
             queue=self.queue.state(),
         )
+        return state | self.bank_state()
+
+    def bank_state(self) -> dict[str, Any]:
+        """The O(N) client-state banks a checkpoint holds (each saved to its own file by save_checkpoint)."""
+        banks = {"momentum_bank": self.momentum_bank, "target_bank": self.target_bank}
+        return {name: bank for name, bank in banks.items() if bank is not None}
+
+    def load_banks(self, state: dict[str, Any]) -> None:
+        """Refill the banks from a checkpoint: a bank, or the checkpoint's .npy file."""
         if self.momentum_bank is not None:
-            state["momentum_bank"] = self.momentum_bank  # saved to its own file by save_checkpoint
+            self.momentum_bank.load_(state["momentum_bank"])
         if self.target_bank is not None:
-            state["target_bank"] = self.target_bank
-        return state
+            self.target_bank.load_(state["target_bank"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -250,10 +258,7 @@ class MocoSFLTrainer(RoundLoop):
         self.server_target.load_state_dict(state["server_target"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.queue.load(state["queue"])
-        if self.momentum_bank is not None:
-            self.momentum_bank.load_(state["momentum_bank"])  # a bank, or the checkpoint's .npy file
-        if self.target_bank is not None:
-            self.target_bank.load_(state["target_bank"])
+        self.load_banks(state)
 
     def summary(self) -> dict[str, Any]:
         return super().summary() | {
