@@ -27,7 +27,7 @@ import torch.distributed as dist
 from mocosfl.checkpoints import checkpoint_files, checkpoint_step, load_latest_checkpoint, save_checkpoint
 from mocosfl.config import Config, ConfigError
 from mocosfl.sfl import clients as C
-from mocosfl.sfl.loop import KnnData, RoundLoop, TrainLoop, cosine_lr
+from mocosfl.sfl.loop import RoundLoop, TrainLoop, cosine_lr
 from mocosfl.sfl.trainer import MocoSFLTrainer
 
 SERVER = 0  # the server's rank; client host h (0-based) is rank h + 1
@@ -249,19 +249,3 @@ def load_agreed_checkpoint(trainer: TrainLoop, directory: Path) -> None:
     if state is None:
         raise DistributedError(f"{_name(dist.get_rank())} cannot read its checkpoint of step {step} in {directory}")
     trainer.load_state_dict(state)
-
-
-def make_rank_trainer(
-    cfg: Config,
-    train_x: np.ndarray | LocalImages,
-    shards: list[np.ndarray],
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    knn: KnnData | None,
-    device: torch.device,
-) -> MocoSFLTrainer:
-    """This rank's trainer in an initialised process group: the server on rank 0, else a client host."""
-    rank = dist.get_rank()
-    if rank == SERVER:
-        return ServerTrainer(cfg, train_x, shards, mean, std, knn, device)  # type: ignore[arg-type]
-    return ClientHostTrainer(cfg, rank - 1, train_x, shards, mean, std, None, device)
