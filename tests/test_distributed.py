@@ -145,3 +145,32 @@ def test_distributed_bench_reports_ratio_bytes_and_memory(prepared: list[str], t
     if row["wire_bytes_per_step"] is not None:  # no /sys/class/net/lo elsewhere
         assert abs(row["wire_vs_accounting"] - 1) < 0.1, row
     assert json.loads((tmp_path / "bench-distributed.json").read_text())["results"] == [row]
+
+
+def test_a_client_host_that_never_joins_fails_after_the_timeout(tmp_path: Path) -> None:
+    """The server waits distributed.timeout_s for the client hosts, not c10d's 30 minutes, and says so in
+    one line (exit 2)."""
+    from mocosfl.distributed.launch import free_port
+
+    cfg = load_config(PARAMS, "test", ["distributed.client_hosts=2", "distributed.timeout_s=3"])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    env = os.environ | {
+        "RANK": "0",
+        "WORLD_SIZE": "3",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port("127.0.0.1")),
+    }
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "mocosfl.distributed.worker", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "joined within distributed.timeout_s=3 s" in errors[0], done.stderr[-2000:]

@@ -19,6 +19,7 @@ import numpy as np
 import torch.distributed as dist
 
 from mocosfl.config import Config, from_dict
+from mocosfl.distributed.roles import DistributedError
 
 log = logging.getLogger("mocosfl.distributed")
 
@@ -61,16 +62,22 @@ def init_process_group(rank: int, timeout: timedelta) -> None:
     attempt, and without the prefix a restarted rank read the dead ranks' addresses and never connected."""
     world = int(os.environ["WORLD_SIZE"])
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world,
-        is_master=rank == 0 and not agent_hosts_store,
-        timeout=timeout,
-    )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    prefixed = dist.PrefixStore(f"mocosfl/attempt-{attempt}", store)
-    dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world, timeout=timeout)
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=rank == 0 and not agent_hosts_store,
+            timeout=timeout,
+        )
+        prefixed = dist.PrefixStore(f"mocosfl/attempt-{attempt}", store)
+        dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, dist.DistStoreError) as e:  # c10d's own message is pages long
+        raise DistributedError(
+            f"not every rank of {world} joined within distributed.timeout_s={timeout.total_seconds():g} s "
+            f"({type(e).__name__}); check that each client host runs and reaches the server"
+        ) from None
 
 
 def main(argv: list[str]) -> int:
@@ -86,8 +93,8 @@ def main(argv: list[str]) -> int:
     # torchrun sets OMP_NUM_THREADS=1 for every rank; the server keeps the host's cores unless told.
     threads = (cfg.pretrain.num_threads or len(os.sched_getaffinity(0))) if rank == 0 else None
     runtime.configure(threads or cfg.distributed.client_host_threads)
-    init_process_group(rank, timedelta(seconds=cfg.distributed.timeout_s))
     try:
+        init_process_group(rank, timedelta(seconds=cfg.distributed.timeout_s))
         if bench_dir is not None:
             from mocosfl.distributed.bench import run_rank
 
@@ -101,7 +108,8 @@ def main(argv: list[str]) -> int:
         print(f"mocosfl pretrain (rank {rank}): error: {first}", file=sys.stderr)
         return 2
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
