@@ -174,3 +174,48 @@ def test_a_client_host_that_never_joins_fails_after_the_timeout(tmp_path: Path) 
     assert time.monotonic() - t0 < 60
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "joined within distributed.timeout_s=3 s" in errors[0], done.stderr[-2000:]
+
+
+def _send_payload(port: int, payload: str) -> None:
+    """Rank 1 of a two-rank gloo group: sends the server one bad smashed-data message."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    from mocosfl.distributed.roles import shape_header
+
+    t = torch.ones(4, 3) if payload == "shape" else torch.ones(2, 3)
+    if payload == "nan":
+        t[0, 1] = float("nan")
+    dist.send(shape_header(t.shape), dst=0)
+    dist.send(t, dst=0)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [("nan", "sent non-finite smashed data at step 3"), ("shape", r"shape \[4, 3\] at step 3, expected \[2, 3\]")],
+)
+def test_a_bad_payload_stops_the_run_naming_the_host(payload: str, message: str) -> None:
+    import multiprocessing
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from mocosfl.distributed.launch import free_port
+    from mocosfl.distributed.roles import _Rank
+
+    port = free_port("127.0.0.1")
+    sender = multiprocessing.get_context("spawn").Process(target=_send_payload, args=(port, payload))
+    sender.start()
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout=timedelta(seconds=30)
+    )
+    try:
+        with pytest.raises(DistributedError, match=rf"^client host 0 \(rank 1\).*{message}"):
+            _Rank.receive(SimpleNamespace(step=3), (2, 3), 1, "smashed data")  # type: ignore[arg-type]
+    finally:
+        dist.destroy_process_group()
+        sender.join(30)
+        sender.kill()

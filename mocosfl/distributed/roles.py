@@ -4,6 +4,7 @@ Both are ``MocoSFLTrainer``s on the same plan and seed, so every rank derives ea
 their shard order, the augmentation parameters and the FedAvg weights by itself; only tensors whose
 shapes follow from the plan cross the wire:
 
+- every message is a fixed-size header with its payload's shape, then the payload;
 - every step, each client host sends its participants' smashed data (h_q and h_k stacked,
   [2, M_h, b, C', H', W'] fp32) to the server and receives dloss/dh_q ([M_h, b, C', H', W']);
 - every FedAvg (each sync, each kNN monitor, the final encoder), each client host uploads the models
@@ -32,6 +33,7 @@ from mocosfl.sfl.trainer import MocoSFLTrainer
 
 SERVER = 0  # the server's rank; client host h (0-based) is rank h + 1
 _MAX_CHECKPOINTS = 16  # checkpoint steps a rank offers when the ranks agree on where to resume
+_HEADER = 8  # slots of a message header (its payload's shape)
 
 
 class DistributedError(RuntimeError):
@@ -129,18 +131,40 @@ class _Rank(MocoSFLTrainer):
         return cosine_lr(self.cfg.pretrain.lr, self.step, self.plan.total_steps)
 
     def receive(self, shape: tuple[int, ...], src: int, what: str) -> torch.Tensor:
-        """One fp32 tensor of ``shape`` from rank ``src``; a wrong size or a non-finite value stops the run."""
+        """One fp32 tensor of ``shape`` from rank ``src``; a wrong shape or a non-finite value stops the run.
+
+        Each message is a fixed-size header (the payload's shape) then the payload: gloo aborts the whole
+        process on a payload of unexpected size, so the shape is checked before the payload is read.
+        """
+        header = torch.empty(_HEADER, dtype=torch.long)
         buf = torch.empty(shape, dtype=torch.float32)
         try:
-            dist.recv(buf, src=src)
+            dist.recv(header, src=src)
+            sent = tuple(int(d) for d in header[header >= 0].tolist())
+            if sent == tuple(shape):
+                dist.recv(buf, src=src)
         except RuntimeError as e:
             raise DistributedError(f"{_name(src)}: receiving {what} at step {self.step} failed ({e})") from None
+        if sent != tuple(shape):
+            raise DistributedError(
+                f"{_name(src)} sent {what} of shape {list(sent)} at step {self.step}, expected {list(shape)}"
+            )
         if not torch.isfinite(buf).all():
             raise DistributedError(f"{_name(src)} sent non-finite {what} at step {self.step}")
         return buf
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
+        dist.send(shape_header(tensor.shape), dst=dst)
         dist.send(tensor.detach().float().contiguous().cpu(), dst=dst)
+
+
+def shape_header(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A message's header: its payload's shape, padded with -1 to a fixed length."""
+    if len(shape) > _HEADER:
+        raise ValueError(f"a payload of {len(shape)} dimensions does not fit the {_HEADER}-slot header")
+    header = torch.full((_HEADER,), -1, dtype=torch.long)
+    header[: len(shape)] = torch.tensor(list(shape), dtype=torch.long)
+    return header
 
 
 def _name(rank: int) -> str:
