@@ -129,7 +129,7 @@ class DistributedConfig:
     client_hosts: int = 0
     # Rendezvous host:port of the server (rank 0); port 0 = a free port on this host (one-host launch).
     endpoint: str = "127.0.0.1:0"
-    timeout_s: float = 60.0  # a rank that does not join or answer within this fails the run with one line
+    timeout_s: float = 60.0  # a rank that does not join within this fails the run with one line
     client_host_threads: int = 1  # torch intra-op threads per client host (the server: pretrain.num_threads)
     # torchrun restarts every rank from the last checkpoint all of them hold this many times after a failure.
     max_restarts: int = 3

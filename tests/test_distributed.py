@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,9 +40,11 @@ def test_a_client_host_reads_only_its_own_images() -> None:
 def test_unsupported_options_are_refused_with_one_line(tmp_path: Path) -> None:
     cfg = load_config(PARAMS, "test", ["distributed.client_hosts=2"])
     with pytest.raises(ConfigError, match="MocoSFL only"):
-        check_supported(cfg, "flmoco", tmp_path / "run")
+        check_supported(cfg, "flmoco", 20)
+    with pytest.raises(ConfigError, match="between 1 and partition.num_clients=1"):
+        check_supported(cfg, "mocosfl", 1)
     with pytest.raises(ConfigError, match="compile=on is not supported"):
-        check_supported(cfg.replace(**{"pretrain.compile": "on"}), "mocosfl", tmp_path / "run")
+        check_supported(cfg.replace(**{"pretrain.compile": "on"}), "mocosfl", 20)
     with pytest.raises(ConfigError, match="expected host:port"):
         parse_endpoint("localhost")
     with pytest.raises(ConfigError, match="distributed.client_hosts=-1 is invalid"):
@@ -90,6 +93,21 @@ def test_two_client_hosts_equal_the_simulation(prepared: list[str], simulated: d
     assert_same_numbers(simulated, dist)
 
 
+@pytest.mark.integration
+def test_stateful_clients_and_separate_sampling_and_sync_equal_the_simulation(
+    prepared: list[str], tmp_path: Path
+) -> None:
+    """Client state that outlives a round on the client hosts: stateful momentum, unsynced EMA targets,
+    rounds of 4 steps against syncs every 6 (a round ends unsynced at step 4, banked models average in at
+    step 6), 8 of 20 clients per round (a host may have no participant in a round)."""
+    over = prepared + ["pretrain.steps=12", "sfl.stateful_clients=true", "sfl.sync_targets=false"]
+    over += ["sfl.sample_period=4", "sfl.sync_period=6", "sfl.clients_per_round=8"]
+    sim = pretrain_result(over, tmp_path / "sim")
+    dist = pretrain_result(over + ["distributed.client_hosts=2"], tmp_path / "dist")
+    assert [r["loss_mean"] for r in dist["history"]] == [r["loss_mean"] for r in sim["history"]]  # measured: equal
+    assert dist["knn_top1"] == sim["knn_top1"] and dist["distinct_clients"] == sim["distinct_clients"]
+
+
 def _worker_pid(rank: int, marker: str) -> int | None:
     """The pid of the distributed worker of ``rank`` whose command line mentions ``marker``."""
     for proc in Path("/proc").iterdir():
@@ -112,7 +130,9 @@ def test_a_client_host_killed_mid_run_restarts_from_the_checkpoint(
     runs = tmp_path / "runs"  # a run directory of its own (the other test's run is finished)
     over = prepared + STEPS + [f"pretrain.runs_dir={runs}", "pretrain.checkpoint_every=5"]
     over += ["distributed.client_hosts=2", "distributed.max_restarts=1", f"metrics_dir={tmp_path}"]
-    proc = subprocess.Popen(pretrain_cmd(over), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        pretrain_cmd(over), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     killed = None
     try:
         deadline = time.monotonic() + 300
@@ -124,7 +144,8 @@ def test_a_client_host_killed_mid_run_restarts_from_the_checkpoint(
             time.sleep(0.05)
         out, err = proc.communicate(timeout=600)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank, whatever happened
     assert killed is not None, "the run ended before client host 0 could be killed"
     assert proc.returncode == 0, err[-3000:]
     assert "resuming at step" in err  # the restarted ranks resumed from a checkpoint

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mocosfl.config import Config, ConfigError
-from mocosfl.distributed.roles import DistributedError
+from mocosfl.distributed.roles import DistributedError, client_hosts_of
 from mocosfl.io import write_json
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,14 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def check_supported(cfg: Config, method: str, directory: Path) -> None:
-    """Refuse, with one line, what the distributed mode does not do (yet)."""
+def check_supported(cfg: Config, method: str, num_clients: int) -> None:
+    """Refuse, with one line and before any process starts, what the distributed mode cannot run."""
     if method != "mocosfl":
         raise ConfigError(
             f"distributed.client_hosts={cfg.distributed.client_hosts} applies to MocoSFL only; "
             f"the {method} baseline runs in process (distributed.client_hosts=0)"
         )
+    client_hosts_of(num_clients, cfg.distributed.client_hosts)  # at most one host per client
     if cfg.pretrain.compile == "on":
         raise ConfigError("pretrain.compile=on is not supported with distributed.client_hosts > 0")
 
@@ -60,19 +63,21 @@ def torchrun(cfg: Config, worker_args: list[str]) -> int:
         # a restarted group read the previous attempt's gloo addresses and never connected).
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={host}:{port}",
-        f"--rdzv-conf=join_timeout={int(cfg.distributed.timeout_s)}",
+        f"--rdzv-conf=join_timeout={math.ceil(cfg.distributed.timeout_s)}",
         f"--max-restarts={cfg.distributed.max_restarts}",
         "-m",
         "mocosfl.distributed.worker",
         *worker_args,
     ]
     log.info("distributed run: server + %d client hosts on %s:%d (torchrun)", hosts, host, port)
-    return subprocess.run(cmd, check=False).returncode
+    # gloo listens on the interface the host name resolves to unless told: on one host, loopback only.
+    env = os.environ | ({"GLOO_SOCKET_IFNAME": "lo"} if host in ("127.0.0.1", "localhost") else {})
+    return subprocess.run(cmd, check=False, env=env).returncode
 
 
 def launch(cfg: Config, method: str, directory: Path) -> dict[str, Any]:
     """Run ``pretrain`` as 1 server + W client-host processes on this host; returns rank 0's result."""
-    check_supported(cfg, method, directory)
+    check_supported(cfg, method, cfg.partition.num_clients)
     directory.mkdir(parents=True, exist_ok=True)
     config_file = directory / LAUNCH_FILE
     write_json(config_file, cfg.to_dict())

@@ -93,7 +93,7 @@ def _unflat(flat: torch.Tensor, like: C.Params) -> C.Params:
 
 
 class _Rank(MocoSFLTrainer):
-    """What both roles share: ownership of clients, the FedAvg all-reduce, the wire's checks."""
+    """What both roles share: ownership of clients, FedAvg over the wire, the wire's checks."""
 
     def setup(self) -> None:
         self.hosts = self.cfg.distributed.client_hosts
@@ -175,7 +175,7 @@ class ServerTrainer(_Rank):
     """Rank 0: the server model, its EMA target, optimizer and key queue; no client models, no images.
 
     It runs ``TrainLoop.run`` as in process (history, kNN monitor, metrics); the client models it needs
-    for the monitor and the encoder come from the FedAvg all-reduce.
+    for the monitor and the encoder come from FedAvg over the wire (``average``).
     """
 
     def owns(self, ids: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ class ServerTrainer(_Rank):
 class ClientHostTrainer(_Rank):
     """Rank h + 1: client host h, holding its block of clients (models, state, images) and no server.
 
-    ``run_host`` mirrors the server's loop: a step, the syncs it implies, and the FedAvg all-reduce at
+    ``run_host`` mirrors the server's loop: a step, the syncs it implies, and the FedAvg (``average``) at
     each kNN monitor and for the final encoder.
     """
 
@@ -260,7 +260,14 @@ def agreed_checkpoint_step(directory: Path) -> int:
     mine[: len(steps)] = torch.tensor(steps, dtype=torch.long)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
-    common = set.intersection(*({s for s in t.tolist() if s >= 0} for t in everyone))
+    held = [{s for s in t.tolist() if s >= 0} for t in everyone]
+    common = set.intersection(*held)
+    if not common and any(held):  # starting afresh would silently throw the checkpoints away
+        run = directory.parent if directory.name.startswith("client-host") else directory
+        offered = ", ".join(str(sorted(h)) for h in held)
+        raise DistributedError(
+            f"the ranks hold checkpoints of different steps ({offered}) and none in common; delete {run} to start over"
+        )
     return max(common, default=0)
 
 

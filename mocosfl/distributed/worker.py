@@ -23,6 +23,8 @@ from mocosfl.distributed.roles import DistributedError
 
 log = logging.getLogger("mocosfl.distributed")
 
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # c10d's default; a rank that dies is noticed at once anyway
+
 
 def run_client_host(cfg: Config, host: int) -> None:
     """Client host ``host``: load only its clients' shards' images, then follow the server step by step."""
@@ -72,8 +74,12 @@ def init_process_group(rank: int, timeout: timedelta) -> None:
             timeout=timeout,
         )
         prefixed = dist.PrefixStore(f"mocosfl/attempt-{attempt}", store)
-        dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world, timeout=timeout)
-    except (RuntimeError, dist.DistStoreError) as e:  # c10d's own message is pages long
+        # Joining waits distributed.timeout_s (the store's timeout); a step, a FedAvg or a checkpoint may
+        # keep the other ranks waiting far longer (the server's kNN monitor, a bank written to disk).
+        dist.init_process_group(
+            "gloo", store=prefixed, rank=rank, world_size=world, timeout=max(timeout, COLLECTIVE_TIMEOUT)
+        )
+    except RuntimeError as e:  # c10d's own message is pages long (DistStoreError is one)
         raise DistributedError(
             f"not every rank of {world} joined within distributed.timeout_s={timeout.total_seconds():g} s "
             f"({type(e).__name__}); check that each client host runs and reaches the server"

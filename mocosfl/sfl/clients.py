@@ -9,6 +9,7 @@ grouped ones (see mocosfl.models.resnet), which needs no vmap.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -265,7 +266,7 @@ class ClientStateBank:
 
 def flatten(stacked: Params) -> torch.Tensor:
     """[M, *shape] per parameter -> one [M, P] tensor, parameters in dict order."""
-    return torch.cat([v.reshape(v.shape[0], -1) for v in stacked.values()], dim=1)
+    return torch.cat([v.reshape(v.shape[0], math.prod(v.shape[1:])) for v in stacked.values()], dim=1)  # M may be 0
 
 
 def _unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size], sizes: list[int]) -> Params:
