@@ -30,6 +30,7 @@ CORE_HELP = {
     "bench": "time the simulation against centralized MoCo (last line: JSON)",
     "config": "print the resolved configuration",
     "embed": "write encoder features of an ImageFolder to .npz",
+    "host-data": "copy out one host's share of the data for a distributed run on several hosts",
 }
 
 log = logging.getLogger("mocosfl")
@@ -77,7 +78,9 @@ def profile_names(params: str | Path) -> list[str]:
         return []
 
 
-def _common(p: argparse.ArgumentParser, profiles: list[str]) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, profiles: list[str] | None = None) -> None:
+    """--profile, --set, --params and --device: what every command builds its config from."""
+    profiles = profile_names(_default_params()) if profiles is None else profiles
     listed = f": {', '.join(profiles)}" if profiles else ""
     p.add_argument(
         "--profile",
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = profile_names(_default_params())
     for name, text in CORE_HELP.items():
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG)
-        _common(p, profiles)
+        add_config_arguments(p, profiles)
         if name == "bench":
             p.add_argument(
                 "--clients", type=client_counts, help="comma-separated client counts (default: partition.num_clients)"
@@ -127,10 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", required=True, help="ImageFolder dir or .tar.gz with train/ and test/")
             p.add_argument("--output", required=True, help="output .npz")
             p.add_argument("--encoder", help="encoder.pt or run dir (default: this config's pretrain run)")
+        if name == "host-data":
+            p.add_argument("--role", required=True, help="`server` (validation images only) or a client host's number")
+            p.add_argument("--out", required=True, help="folder to write the host's prepared data and shard index to")
     for name, ep in plugins().items():
         command = ep.load()
         p = sub.add_parser(name, help=command.help, description=command.help, epilog=EPILOG)
-        _common(p, profiles)
+        add_config_arguments(p, profiles)
         command.add_arguments(p)
     return parser
 
@@ -254,6 +260,14 @@ def cmd_embed(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return workflow.embed(encoder, args.input, args.output, batch_size=cfg.evaluate.batch_size, device=cfg.device)
 
 
+def cmd_host_data(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mocosfl.distributed.hosts import export_host_data
+
+    result = export_host_data(cfg, args.role, Path(args.out))
+    log.info("on that host, add: %s", " ".join(f"--set {s}" for s in result["settings"]))
+    return result
+
+
 CORE_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
     "prepare": cmd_prepare,
     "partition": cmd_partition,
@@ -261,6 +275,7 @@ CORE_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = 
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
     "embed": cmd_embed,
+    "host-data": cmd_host_data,
 }
 
 

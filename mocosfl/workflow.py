@@ -258,21 +258,30 @@ def provenance(ds: Dataset, shards_file: Path, directory: Path, method: str) -> 
     return tags
 
 
-def knn_data(cfg: Config, ds: Dataset) -> KnnData:
-    """The kNN monitor's fixed sets: a memory bank of training images, queries from the validation images.
+def knn_bank(cfg: Config, shards: list[np.ndarray]) -> np.ndarray:
+    """The kNN monitor's memory bank: ``pretrain.knn_bank_size`` training images (indices) that clients hold
+    (all but those a partition leaves unassigned: a distributed run's server gets the bank from its clients)."""
+    held = np.sort(np.concatenate(shards))
+    return held[_subset(len(held), cfg.pretrain.knn_bank_size, cfg.seed, Stream.KNN_BANK)]
 
-    Never test images: the monitor is what Optuna maximises and what picks between runs.
+
+def knn_data(cfg: Config, ds: Dataset, shards: list[np.ndarray], bank_pixels: bool = True) -> KnnData:
+    """The kNN monitor's fixed sets: a memory bank of training images some client holds, queries from the
+    validation images. Never test images: the monitor is what Optuna maximises and what picks between runs.
+
+    ``bank_pixels=False``: without the bank's images (a distributed run's server, which has none).
     """
     pc = cfg.pretrain
-    bank = _subset(len(ds.train_idx), pc.knn_bank_size, cfg.seed, Stream.KNN_BANK)
+    bank = knn_bank(cfg, shards)
     queries = _subset(len(ds.val_idx), pc.knn_query_size, cfg.seed, Stream.KNN_QUERIES)
     p = ds.prepared
     return KnnData(
-        bank_x=np.asarray(p.train_x[ds.train_idx[bank]]),
+        bank_x=np.asarray(p.train_x[ds.train_idx[bank]]) if bank_pixels else None,
         bank_y=torch.from_numpy(ds.train_y[bank]).long(),
         query_x=np.asarray(p.train_x[ds.val_idx[queries]]),
         query_y=torch.from_numpy(ds.val_y[queries]).long(),
         num_classes=ds.num_classes,
+        bank_rows=bank,
     )
 
 
@@ -357,9 +366,11 @@ def pretrain(
         from mocosfl.distributed.roles import ServerTrainer
 
         no_images = np.zeros((len(ds.train_idx), 0, 0, 3), dtype=np.uint8)
-        trainer: TrainLoop = ServerTrainer(cfg, no_images, shards, norm.mean, norm.std, knn_data(cfg, ds), device)
+        knn = knn_data(cfg, ds, shards, bank_pixels=False)
+        trainer: TrainLoop = ServerTrainer(cfg, no_images, shards, norm.mean, norm.std, knn, device)
     else:
-        trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn_data(cfg, ds), device)
+        knn = knn_data(cfg, ds, shards)
+        trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn, device)
     # After the trainer, whose plan may reject the config: a bad input stays a one-line error.
     _log.info("normalization: %s (mean %s, std %s)", norm.source, norm.mean, norm.std)
     if distributed:  # every rank resumes from the newest step all of them checkpointed
@@ -441,8 +452,13 @@ def _report_pretrain(tracker: Tracker, cfg: Config, result: dict[str, Any]) -> N
         "bytes_down_total",
         "client_params",
         "server_params",
+        "world_size",  # a distributed run's: its processes and the bytes its server exchanged with them
+        "dist_sent_bytes_this_session",
+        "dist_received_bytes_this_session",
     )
     tracker.log_metrics({f"final.{k}": float(result[k]) for k in keys if result.get(k) is not None})
+    for kind, sent in (result.get("dist_sent_bytes_by_kind_this_session") or {}).items():
+        tracker.log_metrics({f"final.dist_sent_bytes.{kind.replace(' ', '_')}": float(sent)})
     for name in ("partition.json", "partition_heatmap.png", "pretrain.json"):
         tracker.log_artifact(metrics_path(cfg, name), "metrics")
     tracker.log_encoder(Path(result["run_dir"]), cfg.data.image_size)

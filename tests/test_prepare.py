@@ -422,3 +422,21 @@ def test_real_cifar10_archive(tmp_path: Path) -> None:
     assert np.bincount(data.test_y).tolist() == [1000] * 10
     # Known CIFAR-10 channel means; JPEG re-encoding moves them only slightly.
     np.testing.assert_allclose(data.mean, (0.4914, 0.4822, 0.4465), atol=0.005)
+
+
+def test_a_hosts_share_holds_only_its_images_and_keeps_the_datas_identity(tree: Path, tmp_path: Path) -> None:
+    """`mocosfl host-data`'s copy: the chosen training images, no test images, everything else as the whole set."""
+    whole = load_prepared(tree, prepare_dataset(tree, tmp_path / "p", 8).parent, 8)
+    share = prep.export_held_rows(whole, tmp_path / "host", {"train": np.array([3, 0])})
+    held = load_prepared(tree, share.parent, 8)
+    assert share.name == whole.path.name and held.content_hash == whole.content_hash
+    assert held.train_x.shape == whole.train_x.shape and np.array_equal(held.train_y, whole.train_y)
+    assert np.array_equal(held.train_x[np.array([0, 3])], whole.train_x[[0, 3]])
+    with pytest.raises(DataError, match="holds 2 of .* images of this split, not image 1"):
+        held.train_x[np.array([0, 1])]
+    with pytest.raises(DataError, match="not image 0"):
+        held.test_x[np.array([0])]
+    with pytest.raises(DataError, match="would delete the rest"):
+        prep.export_held_rows(whole, whole.path.parent, {"train": np.array([0])})
+    with pytest.raises(DataError, match="out of range"):
+        prep.export_held_rows(whole, tmp_path / "other", {"train": np.array([10**6])})

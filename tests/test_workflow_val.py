@@ -79,14 +79,18 @@ def test_shards_and_validation_partition_the_training_set(data: Data) -> None:
 
 
 def test_knn_monitor_queries_validation_images(data: Data) -> None:
-    cfg, ds, _ = data
-    knn = workflow.knn_data(cfg, ds)
+    cfg, ds, shards = data
+    knn = workflow.knn_data(cfg, ds, shards)
     assert len(knn.query_x) == min(cfg.pretrain.knn_query_size, cfg.data.val_size)
     val_x = ds.val_x()
     rows = {v.tobytes(): y for v, y in zip(val_x, ds.val_y, strict=True)}
     assert all(rows.get(x.tobytes()) == int(y) for x, y in zip(knn.query_x, knn.query_y, strict=True))
     train = {x.tobytes() for x in ds.train_x()}
-    assert all(x.tobytes() in train for x in knn.bank_x)
+    assert knn.bank_x is not None and all(x.tobytes() in train for x in knn.bank_x)
+    # The bank: images some client holds (a distributed server gets it from them), given by index too.
+    assert knn.bank_rows is not None and np.isin(knn.bank_rows, np.concatenate(shards)).all()
+    np.testing.assert_array_equal(knn.bank_x, ds.train_x()[knn.bank_rows])
+    assert workflow.knn_data(cfg, ds, shards, bank_pixels=False).bank_x is None
 
 
 def test_shard_file_without_validation_split(data: Data, tmp_path: Path) -> None:

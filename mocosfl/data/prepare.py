@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -206,9 +207,11 @@ def load_prepared(source: str | Path, prepared_dir: str | Path, image_size: int)
     meta = _read_meta(target)
     if meta is None:
         raise DataError(f"{target}: no prepared data for {source} at {image_size}px; run `mocosfl prepare` first")
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
+    held = meta.get("held_rows")  # a host's share of the images (``export_held_rows``), else None
     for split in SPLITS:
-        for part in ("x", "y"):
+        parts = ("x", "y", "rows") if held else ("x", "y")
+        for part in parts:
             file = target / f"{split}_{part}.npy"
             try:
                 arrays[f"{split}_{part}"] = np.load(file, mmap_mode="r", allow_pickle=False)
@@ -219,11 +222,14 @@ def load_prepared(source: str | Path, prepared_dir: str | Path, image_size: int)
                 ) from None
         n = meta["counts"][split]
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if x.shape != (n, image_size, image_size, 3) or x.dtype != np.uint8 or y.shape != (n,):
+        rows = len(arrays[f"{split}_rows"]) if held else n
+        if x.shape != (rows, image_size, image_size, 3) or x.dtype != np.uint8 or y.shape != (n,):
             raise DataError(
                 f"{target / (split + '_x.npy')}: arrays do not match meta.json; "
                 f"delete {target} and run `mocosfl prepare` again"
             )
+        if held:
+            arrays[f"{split}_x"] = HeldRows(x, np.asarray(arrays.pop(f"{split}_rows")), n, str(target))
     return PreparedData(
         train_x=arrays["train_x"],
         train_y=arrays["train_y"],
@@ -235,6 +241,71 @@ def load_prepared(source: str | Path, prepared_dir: str | Path, image_size: int)
         path=target,
         content_hash=str(meta.get("content_hash", "")),
     )
+
+
+class HeldRows:
+    """The images of a split a host holds, addressed by their index in the whole split.
+
+    A client host of a distributed run holds only its clients' training images, the server only the
+    validation images (``export_held_rows``); asking for any other image raises ``DataError``. ``shape``
+    is the whole split's, so the data's identity (``workflow.Dataset.fingerprint``) is the same on every host.
+    """
+
+    def __init__(self, pixels: np.ndarray, rows: np.ndarray, total: int, where: str):
+        self.pixels = pixels  # [len(rows), H, W, 3] uint8, in the order of ``rows`` (sorted)
+        self.rows = rows
+        self.slot = np.full(total, -1, dtype=np.int64)
+        self.slot[rows] = np.arange(len(rows))
+        self.shape = (total, *pixels.shape[1:])
+        self.dtype = pixels.dtype
+        self.where = where
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        slots = self.slot[idx]
+        if np.any(slots < 0):
+            missing = int(np.asarray(idx).reshape(-1)[np.asarray(slots).reshape(-1) < 0][0])
+            raise DataError(
+                f"{self.where} holds {len(self.rows)} of {self.shape[0]} images of this split, not image {missing}: "
+                "this host's data was exported for another role (`mocosfl host-data`)"
+            )
+        return np.asarray(self.pixels[slots])
+
+
+def export_held_rows(data: PreparedData, out_dir: str | Path, rows: Mapping[str, np.ndarray]) -> Path:
+    """Copy ``data`` into ``out_dir`` (same folder name) keeping only the images ``rows[split]`` (indices into
+    each split; a split left out keeps none). Labels, classes, statistics and the content hash stay those of
+    the whole set, so runs on the copy have the same identity as on the original. Returns the new folder."""
+    meta = _read_meta(data.path)
+    if meta is None:
+        raise DataError(f"{data.path}: not a complete prepared folder")
+    target = Path(out_dir) / data.path.name
+    if target.resolve() == data.path.resolve():
+        raise DataError(f"{out_dir}: exporting a host's share of the data over the whole set would delete the rest")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        held = {}
+        for split in SPLITS:
+            x = data.train_x if split == "train" else data.test_x
+            y = data.train_y if split == "train" else data.test_y
+            keep = np.unique(np.asarray(rows.get(split, np.empty(0)), dtype=np.int64))
+            if len(keep) and (keep[0] < 0 or keep[-1] >= len(y)):
+                raise DataError(f"image index out of range for the {len(y)} {split} images")
+            np.save(tmp / f"{split}_x.npy", np.asarray(x[keep]).reshape(len(keep), *x.shape[1:]))
+            np.save(tmp / f"{split}_y.npy", np.asarray(y))
+            np.save(tmp / f"{split}_rows.npy", keep)
+            held[split] = len(keep)
+        (tmp / "meta.json").write_text(json.dumps(meta | {"held_rows": held}, indent=2) + "\n")
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 # ---------------------------------------------------------------- output

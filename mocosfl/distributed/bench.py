@@ -25,6 +25,7 @@ import torch.distributed as dist
 from mocosfl.config import Config
 from mocosfl.costs import peak_rss_mb
 from mocosfl.data.partition import partition_indices
+from mocosfl.data.prepare import Normalization
 from mocosfl.io import write_json
 from mocosfl.sfl.loop import resolve_device
 from mocosfl.sfl.trainer import MocoSFLTrainer
@@ -95,7 +96,7 @@ def in_process(cfg: Config, n: int) -> dict[str, Any]:
 
 def run_rank(cfg: Config, out_dir: Path) -> None:
     """One rank of the distributed bench (called by ``worker``): steps, then ``rank-<r>.json``."""
-    from mocosfl.distributed.roles import ClientHostTrainer, LocalImages, ServerTrainer, client_hosts_of
+    from mocosfl.distributed.roles import ServerTrainer, client_host_trainer
 
     rank, n = dist.get_rank(), cfg.partition.num_clients
     start_rss, start_anon = rss_mb(), rss_mb("RssAnon")  # torch's runtime (~1 GB), before data and models
@@ -106,10 +107,7 @@ def run_rank(cfg: Config, out_dir: Path) -> None:
         no_images = np.zeros((num_train, 0, 0, 3), dtype=np.uint8)
         trainer: MocoSFLTrainer = ServerTrainer(cfg, no_images, shards, mean, std, None, device)
     else:
-        host, owner = rank - 1, client_hosts_of(n, cfg.distributed.client_hosts)
-        own = np.sort(np.concatenate([shards[i] for i in np.flatnonzero(owner == host)]))
-        images = LocalImages(pixels(own), num_train, own)
-        trainer = ClientHostTrainer(cfg, host, images, shards, mean, std, None, device)  # type: ignore[arg-type]
+        trainer = client_host_trainer(cfg, rank - 1, pixels, num_train, shards, Normalization(mean, std, ""), device)
     dist.barrier()
     warm = cfg.bench.warmup
     times, wire0, t_wire = [], 0, 0.0
@@ -166,7 +164,7 @@ def bench_distributed(cfg: Config, n: int, log: Callable[[str], None] = log.info
         out = Path(tmp)
         write_json(out / "config.json", run_cfg.to_dict())
         log(f"N={n}: distributed steps, server + {hosts} client hosts")
-        rc = torchrun(run_cfg, [str(out / "config.json"), "--bench", str(out)])
+        rc = torchrun(run_cfg, ["--config", str(out / "config.json"), "--bench", str(out)])
         if rc != 0:
             from mocosfl.distributed.roles import DistributedError
 

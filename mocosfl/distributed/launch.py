@@ -81,7 +81,7 @@ def launch(cfg: Config, method: str, directory: Path) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     config_file = directory / LAUNCH_FILE
     write_json(config_file, cfg.to_dict())
-    rc = torchrun(cfg, [str(config_file)])
+    rc = torchrun(cfg, ["--config", str(config_file)])
     done = directory / "pretrain.json"
     if rc != 0 or not done.exists():
         raise DistributedError(

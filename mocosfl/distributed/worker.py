@@ -1,4 +1,6 @@
-"""One rank of a distributed run (``torchrun ... -m mocosfl.distributed.worker CONFIG.json [--bench DIR]``).
+"""One rank of a distributed run: ``torchrun ... -m mocosfl.distributed.worker [--role ROLE] [--config FILE.json |
+--profile NAME --set KEY=VALUE ...]`` (``mocosfl pretrain`` passes ``--config``; on several hosts each host
+gives its ``--role`` and the same options as ``mocosfl pretrain``).
 
 Rank 0 runs ``workflow.pretrain`` as the server (metrics, checkpoint, encoder, tracking as in process);
 rank h + 1 runs client host h on its own clients' images only.
@@ -6,6 +8,7 @@ rank h + 1 runs client host h on its own clients' images only.
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import json
 import logging
@@ -18,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from mocosfl.config import Config, from_dict
-from mocosfl.distributed.roles import DistributedError
+from mocosfl.config import Config, ConfigError, from_dict
+from mocosfl.distributed.roles import SERVER, DistributedError, rank_name, role_rank
 
 log = logging.getLogger("mocosfl.distributed")
 
@@ -29,21 +32,23 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # c10d's default; a rank that dies i
 def run_client_host(cfg: Config, host: int) -> None:
     """Client host ``host``: load only its clients' shards' images, then follow the server step by step."""
     from mocosfl import workflow
-    from mocosfl.distributed.roles import ClientHostTrainer, LocalImages, client_hosts_of, load_agreed_checkpoint
+    from mocosfl.distributed.roles import client_host_trainer, load_agreed_checkpoint
     from mocosfl.sfl.loop import resolve_device
 
     ds = workflow.Dataset(cfg)
     shards = workflow.load_partition(cfg, ds)
-    owner = client_hosts_of(len(shards), cfg.distributed.client_hosts)
-    own = np.sort(np.concatenate([shards[i] for i in np.flatnonzero(owner == host)]))
-    images = LocalImages(ds.prepared.train_x[ds.train_idx[own]], len(ds.train_idx), own)
     norm = ds.normalization
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        return np.asarray(ds.prepared.train_x[ds.train_idx[idx]])
+
+    bank = workflow.knn_bank(cfg, shards)
     device = resolve_device(cfg.device)
-    trainer = ClientHostTrainer(cfg, host, images, shards, norm.mean, norm.std, None, device)
+    trainer = client_host_trainer(cfg, host, pixels, len(ds.train_idx), shards, norm, device, bank_rows=bank)
     checkpoints = workflow.run_dir(cfg, ds, workflow.shards_path(cfg)) / f"client-host-{host}"
     load_agreed_checkpoint(trainer, checkpoints)
     resumed = f", resuming at step {trainer.step}" if trainer.step else ""
-    log.info("client host %d: %d clients, %d images%s", host, int((owner == host).sum()), len(own), resumed)
+    log.info("client host %d: %d clients, %d images%s", host, trainer.num_own_clients, trainer.num_own_images, resumed)
     trainer.run_host(checkpoints)
 
 
@@ -70,7 +75,8 @@ def init_process_group(rank: int, timeout: timedelta) -> None:
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
             world,
-            is_master=rank == 0 and not agent_hosts_store,
+            # torchrun's rank 0 hosts the store when its agent does not: not always the server on several hosts
+            is_master=os.environ["RANK"] == "0" and not agent_hosts_store,
             timeout=timeout,
         )
         prefixed = dist.PrefixStore(f"mocosfl/attempt-{attempt}", store)
@@ -86,32 +92,55 @@ def init_process_group(rank: int, timeout: timedelta) -> None:
         ) from None
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from mocosfl.cli import Parser, add_config_arguments
+
+    p = Parser(
+        prog="python -m mocosfl.distributed.worker",
+        description="one rank of a distributed MocoSFL run, started by torchrun (see README: Distributed training)",
+    )
+    p.add_argument("--config", help="the resolved config as JSON (written by `mocosfl pretrain` on one host)")
+    p.add_argument("--role", help="`server` or a client host's number (0-based); default: torchrun's rank")
+    p.add_argument("--bench", metavar="DIR", help="time steps for `mocosfl bench` and write rank-<r>.json to DIR")
+    add_config_arguments(p)
+    return p.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
     from mocosfl import runtime
-    from mocosfl.cli import configure_logging, user_errors
+    from mocosfl.cli import configure_logging, load, user_errors
 
     configure_logging()
     # A rank torchrun stops (another rank failed) prints where it was: a hang is never silent.
     faulthandler.register(signal.SIGTERM, chain=True)
-    cfg = from_dict(json.loads(Path(argv[0]).read_text()))
-    bench_dir = Path(argv[2]) if argv[1:2] == ["--bench"] else None
-    rank = int(os.environ["RANK"])
-    # torchrun sets OMP_NUM_THREADS=1 for every rank; the server keeps the host's cores unless told.
-    threads = (cfg.pretrain.num_threads or len(os.sched_getaffinity(0))) if rank == 0 else None
-    runtime.configure(threads or cfg.distributed.client_host_threads)
+    args = parse_args(argv)
+    rank = -1
     try:
+        cfg = from_dict(json.loads(Path(args.config).read_text())) if args.config else load(args)
+        hosts = cfg.distributed.client_hosts
+        rank = role_rank(args.role, hosts)
+        world = int(os.environ["WORLD_SIZE"])
+        if world != hosts + 1:
+            raise ConfigError(
+                f"torchrun started {world} processes in all but distributed.client_hosts={hosts} needs "
+                f"{hosts + 1} (the server and one per client host)"
+            )
+        # torchrun sets OMP_NUM_THREADS=1 for every rank; the server keeps the host's cores unless told.
+        threads = (cfg.pretrain.num_threads or len(os.sched_getaffinity(0))) if rank == SERVER else None
+        runtime.configure(threads or cfg.distributed.client_host_threads)
         init_process_group(rank, timedelta(seconds=cfg.distributed.timeout_s))
-        if bench_dir is not None:
+        if args.bench is not None:
             from mocosfl.distributed.bench import run_rank
 
-            run_rank(cfg, bench_dir)
-        elif rank == 0:
+            run_rank(cfg, Path(args.bench))
+        elif rank == SERVER:
             run_server(cfg)
         else:
             run_client_host(cfg, rank - 1)
     except user_errors() as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"mocosfl pretrain (rank {rank}): error: {first}", file=sys.stderr)
+        who = "" if rank < 0 else f" ({rank_name(rank)})"
+        print(f"mocosfl pretrain{who}: error: {first}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -129,13 +129,19 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 
 @dataclass
 class KnnData:
-    """Fixed monitor subset: training images as memory bank, validation images (never test) as queries."""
+    """Fixed monitor subset: training images as memory bank, validation images (never test) as queries.
 
-    bank_x: np.ndarray
+    ``bank_rows``: the bank images' training-set indices (the space shards index). A distributed run's
+    server has no training images (``bank_x`` is None): the client hosts holding them send their
+    client-model activations instead.
+    """
+
+    bank_x: np.ndarray | None
     bank_y: torch.Tensor
     query_x: np.ndarray
     query_y: torch.Tensor
     num_classes: int
+    bank_rows: np.ndarray | None = None
 
 
 def sample_participants(plan: Plan, seed: int, r: int) -> np.ndarray:
@@ -275,6 +281,7 @@ class TrainLoop:
             batch_size=self.cfg.evaluate.batch_size,
             device=self.device,
         )
+        assert self.knn.bank_x is not None, "the kNN bank's images are needed in process"
         bank = extract_features(enc, self.knn.bank_x, **kw)
         queries = extract_features(enc, self.knn.query_x, **kw)
         e = self.cfg.evaluate

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mocosfl.models.resnet import Encoder, build_split_model, count_params
 from mocosfl.precision import autocast
@@ -221,12 +222,16 @@ class MocoSFLTrainer(RoundLoop):
 
     # ------------------------------------------------------------------ evaluation
 
-    def encoder(self) -> Encoder:
-        """The current encoder (client global model + server backbone) as a plain module."""
+    def global_client(self, params: C.Params) -> nn.Module:
+        """A client model holding ``params`` (the synced global model), in eval mode."""
         m = self.cfg.model
         client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
-        client.load_state_dict({k: v.detach().clone() for k, v in self.current_params().items()})
-        return Encoder(client.to(self.device), copy.deepcopy(self.server.backbone)).eval()
+        client.load_state_dict({k: v.detach().clone() for k, v in params.items()})
+        return client.to(self.device).eval()
+
+    def encoder(self) -> Encoder:
+        """The current encoder (client global model + server backbone) as a plain module."""
+        return Encoder(self.global_client(self.current_params()), copy.deepcopy(self.server.backbone)).eval()
 
     # ------------------------------------------------------------------ checkpoints
 
