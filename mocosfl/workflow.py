@@ -329,6 +329,15 @@ def encoder_payload(trainer: TrainLoop) -> dict[str, Any]:
     }
 
 
+def finished_run(cfg: Config, method: str = "mocosfl", directory: Path | None = None) -> Path | None:
+    """The run directory of this config's ``method`` run when it finished (metrics and encoder written)."""
+    if directory is None:
+        ds = Dataset(cfg)
+        directory = run_dir(cfg, ds, shards_path(cfg), method)
+    finished = (directory / "pretrain.json").exists() and (directory / "encoder.pt").exists()
+    return directory if finished else None
+
+
 def pretrain(
     cfg: Config,
     on_step: Callable[[dict[str, float]], None] | None = None,
@@ -347,7 +356,7 @@ def pretrain(
     shards_file = shards_path(cfg)
     directory = run_dir(cfg, ds, shards_file, method)
     done = directory / "pretrain.json"
-    if done.exists() and (directory / "encoder.pt").exists():
+    if finished_run(cfg, method, directory):
         _log.info("run %s already finished; nothing to do", directory)
         result = json.loads(done.read_text())
         result["resumed_from_step"] = result["steps"]

@@ -89,4 +89,12 @@ def network(names: list[str]) -> Iterator[Network]:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for ns in reversed(made):
+            # torchrun starts its workers in sessions of their own: whatever still runs in a namespace goes too,
+            # or the namespace would outlive its name.
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30).stdout
+            for pid in pids.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        for i in range(len(names)):  # a veth pair left in this namespace when moving it failed
+            subprocess.run(["ip", "link", "del", f"mh{net.tag}-{i}"], capture_output=True, timeout=30)

@@ -436,6 +436,13 @@ def test_a_hosts_share_holds_only_its_images_and_keeps_the_datas_identity(tree: 
         held.train_x[np.array([0, 1])]
     with pytest.raises(DataError, match="not image 0"):
         held.test_x[np.array([0])]
+    mask = np.zeros(len(whole.train_y), dtype=bool)
+    mask[[0, 2]] = True
+    with pytest.raises(DataError, match="not image 2"):  # masks and slices are indices too
+        held.train_x[mask]
+    with pytest.raises(DataError, match="not image 1"):
+        held.train_x[0:2]
+    assert held.train_x[3].shape == whole.train_x[3].shape
     with pytest.raises(DataError, match="would delete the rest"):
         prep.export_held_rows(whole, whole.path.parent, {"train": np.array([0])})
     with pytest.raises(DataError, match="out of range"):

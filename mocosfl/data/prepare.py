@@ -264,9 +264,10 @@ class HeldRows:
         return self.shape[0]
 
     def __getitem__(self, idx: Any) -> np.ndarray:
-        slots = self.slot[idx]
+        wanted = np.arange(self.shape[0])[idx]  # any numpy index: ints, arrays, masks, slices
+        slots = self.slot[wanted]
         if np.any(slots < 0):
-            missing = int(np.asarray(idx).reshape(-1)[np.asarray(slots).reshape(-1) < 0][0])
+            missing = int(np.asarray(wanted)[np.asarray(slots) < 0].flat[0])
             raise DataError(
                 f"{self.where} holds {len(self.rows)} of {self.shape[0]} images of this split, not image {missing}: "
                 "this host's data was exported for another role (`mocosfl host-data`)"

@@ -44,5 +44,11 @@ def export_host_data(cfg: Config, role: str, out: Path) -> dict[str, Any]:
         "role": role,
         "images": int(len(rows)),
         "prepared": str(prepared),
-        "settings": [f"data.prepared_dir={out / 'prepared'}", f"partition.out_dir={partitions}"],
+        # data.source names the prepared folder and the shard file (by its resolved path): the same string
+        # on every host, wherever its checkout is. Only a name there: the archive itself is not needed.
+        "settings": [
+            f"data.source={Path(cfg.data.source).expanduser().resolve()}",
+            f"data.prepared_dir={out.resolve() / 'prepared'}",
+            f"partition.out_dir={partitions.resolve()}",
+        ],
     }

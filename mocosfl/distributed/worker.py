@@ -80,6 +80,8 @@ def init_process_group(rank: int, timeout: timedelta) -> None:
             timeout=timeout,
         )
         prefixed = dist.PrefixStore(f"mocosfl/attempt-{attempt}", store)
+        if prefixed.add(f"role-{rank}", 1) != 1:  # before gloo, which would wait for the missing rank
+            raise DistributedError(f"two hosts were started as {rank_name(rank)}: give each host its own --role")
         # Joining waits distributed.timeout_s (the store's timeout); a step, a FedAvg or a checkpoint may
         # keep the other ranks waiting far longer (the server's kNN monitor, a bank written to disk).
         dist.init_process_group(
@@ -90,6 +92,20 @@ def init_process_group(rank: int, timeout: timedelta) -> None:
             f"not every rank of {world} joined within distributed.timeout_s={timeout.total_seconds():g} s "
             f"({type(e).__name__}); check that each client host runs and reaches the server"
         ) from None
+
+
+def finished_elsewhere(cfg: Config, rank: int) -> bool:
+    """Whether the server holds this run finished (a collective: every rank calls it once, after joining).
+    The server then only reports it; the client hosts, whose disks do not say, stop at once."""
+    import torch
+
+    from mocosfl import workflow
+
+    done = torch.zeros(1, dtype=torch.long)
+    if rank == SERVER:
+        done[0] = int(workflow.finished_run(cfg) is not None)
+    dist.broadcast(done, src=SERVER)
+    return bool(done.item())
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -116,8 +132,15 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     rank = -1
     try:
+        if args.config and (args.profile or args.overrides):
+            raise ConfigError("give either --config or --profile/--set, not both")
         cfg = from_dict(json.loads(Path(args.config).read_text())) if args.config else load(args)
         hosts = cfg.distributed.client_hosts
+        if hosts < 1 or "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "the worker is one rank of a distributed run: start it with torchrun and "
+                "distributed.client_hosts >= 1 (README: Distributed training)"
+            )
         rank = role_rank(args.role, hosts)
         world = int(os.environ["WORLD_SIZE"])
         if world != hosts + 1:
@@ -129,7 +152,9 @@ def main(argv: list[str]) -> int:
         threads = (cfg.pretrain.num_threads or len(os.sched_getaffinity(0))) if rank == SERVER else None
         runtime.configure(threads or cfg.distributed.client_host_threads)
         init_process_group(rank, timedelta(seconds=cfg.distributed.timeout_s))
-        if args.bench is not None:
+        if args.bench is None and finished_elsewhere(cfg, rank) and rank != SERVER:
+            log.info("%s: the server holds this run finished; nothing to do", rank_name(rank))
+        elif args.bench is not None:
             from mocosfl.distributed.bench import run_rank
 
             run_rank(cfg, Path(args.bench))
@@ -139,7 +164,7 @@ def main(argv: list[str]) -> int:
             run_client_host(cfg, rank - 1)
     except user_errors() as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        who = "" if rank < 0 else f" ({rank_name(rank)})"
+        who = "" if rank < 0 else f", {rank_name(rank)}"
         print(f"mocosfl pretrain{who}: error: {first}", file=sys.stderr)
         return 2
     finally:
