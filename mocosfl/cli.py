@@ -27,6 +27,7 @@ CORE_HELP = {
     "partition": "split the training set into client shards",
     "pretrain": "MocoSFL self-supervised pretraining (resumes its own run)",
     "evaluate": "kNN and linear probe of the trained encoder",
+    "attack": "model-inversion attack of a curious server on the trained client model",
     "bench": "time the simulation against centralized MoCo (last line: JSON)",
     "config": "print the resolved configuration",
     "embed": "write encoder features of an ImageFolder to .npz",
@@ -231,6 +232,14 @@ def cmd_evaluate(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     return workflow.evaluate(cfg, tracker=load_tracker(cfg))
 
 
+def cmd_attack(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from mocosfl import workflow
+    from mocosfl.tracking import load_tracker
+
+    result = workflow.attack(cfg, tracker=load_tracker(cfg))
+    return {k: v for k, v in result.items() if not k.endswith("per_seed")}
+
+
 def cmd_bench(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl import bench
     from mocosfl.io import write_json
@@ -273,6 +282,7 @@ CORE_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = 
     "partition": cmd_partition,
     "pretrain": cmd_pretrain,
     "evaluate": cmd_evaluate,
+    "attack": cmd_attack,
     "bench": cmd_bench,
     "embed": cmd_embed,
     "host-data": cmd_host_data,

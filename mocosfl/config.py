@@ -147,6 +147,23 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """The honest-but-curious server's model-inversion attack on the trained client model (``mocosfl attack``)."""
+
+    seeds: int = 3  # attacks (decoder initialisation and batch order); the table gives mean +- std over them
+    aux_fraction: float = 0.01  # of the training images (or of aux_source's), the attacker's own images
+    aux_source: str | None = None  # an ImageFolder dir/.tar.gz (its train/ split) instead of the training images
+    victims: int = 128  # fixed test images whose smashed data the attacker inverts
+    decoder: Literal["res_normN4C64"] = "res_normN4C64"  # the reference's decoder family
+    decoder_width: int = 64  # channels of the decoder (the reference: 64)
+    decoder_blocks: int = 4  # residual blocks after the first (the reference: 4)
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3  # Adam
+    val_fraction: float = 0.1  # of the auxiliary images, held out to select the decoder's epoch
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     steps: int = 20
     warmup: int = 3
@@ -196,6 +213,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -234,6 +252,7 @@ PATH_KEYS = {
 }
 PATH_FIELDS = {
     "data.source",
+    "attack.aux_source",
     "data.prepared_dir",
     "partition.out_dir",
     "pretrain.runs_dir",
@@ -379,6 +398,16 @@ def validate(cfg: Config) -> Config:
         "tune.queue_size_max",
     ]:
         _positive(key, get_dotted(cfg, key))
+    for key in ["attack.seeds", "attack.victims", "attack.decoder_width", "attack.epochs"]:
+        _positive(key, get_dotted(cfg, key))
+    _positive("attack.batch_size", cfg.attack.batch_size, 2)  # batch norm needs two images
+    _positive("attack.decoder_blocks", cfg.attack.decoder_blocks, 0)
+    if not 0 < cfg.attack.aux_fraction <= 1:
+        raise ConfigError(f"attack.aux_fraction={cfg.attack.aux_fraction!r} is invalid: must be in (0, 1]")
+    if not 0 < cfg.attack.val_fraction < 1:
+        raise ConfigError(f"attack.val_fraction={cfg.attack.val_fraction!r} is invalid: must be in (0, 1)")
+    if not cfg.attack.lr > 0:
+        raise ConfigError(f"attack.lr={cfg.attack.lr!r} is invalid: must be > 0")
     _positive("bench.warmup", cfg.bench.warmup, 0)
     _positive("distributed.client_hosts", cfg.distributed.client_hosts, 0)
     _positive("distributed.max_restarts", cfg.distributed.max_restarts, 0)

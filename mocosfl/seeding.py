@@ -26,6 +26,9 @@ class Stream(IntEnum):
     KNN_QUERIES = 14  # (seed, 14): the kNN monitor's queries (validation images)
     BENCH_AUGMENT = 99  # (seed, 99, i): images of the bench's augmentation timing
     VAL_SPLIT = 15  # (seed, 15): data.val_size's validation images, carved from the training set
+    ATTACK_IMAGES = 21  # (seed, 21): the attacker's auxiliary training images and the victim test images
+    ATTACK_SPLIT = 22  # (seed, 22): the auxiliary images' split into decoder training / validation
+    ATTACK = 23  # (seed, 23, attack seed): one attack's decoder initialisation and batch order
 
 
 def rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:

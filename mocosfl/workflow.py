@@ -46,6 +46,7 @@ from mocosfl.io import atomic_path, write_json, write_text
 from mocosfl.models.resnet import Encoder, build_split_model
 from mocosfl.plotdata import write_plot_data
 from mocosfl.precision import resolve_precision
+from mocosfl.privacy.decoder import InversionDecoder
 from mocosfl.seeding import Stream, rng
 from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
 from mocosfl.tracking import NullTracker, Tracker, flatten
@@ -596,6 +597,113 @@ def evaluate(
     if pretrain_run:
         keys = ("knn_top1", "linear_probe_top1", "linear_probe_top1_final_epoch")
         tracker.add_to_run(pretrain_run, {f"eval.{k}": float(numbers[k]) for k in keys})
+    if run_id:
+        result["tracking_run_id"] = run_id
+    return result
+
+
+def attack(cfg: Config, log: Callable[[str], None] | None = None, tracker: Tracker | None = None) -> dict[str, Any]:
+    """The honest-but-curious server's model-inversion attack on this config's trained client model.
+
+    Auxiliary images: ``attack.aux_fraction`` of the training images (or of ``attack.aux_source``'s);
+    victims: ``attack.victims`` fixed test images, never seen by the attacker. Floors beside it: the
+    auxiliary mean image, and the same attack on a random-init client model. Writes ``attack.json`` and
+    ``attack_grid.png`` to the metrics folder; ``tracker`` gets one run linked to the pretrain run.
+    """
+    from mocosfl.privacy.attack import METRICS, AttackSettings, mean_image_floor, plot_grid, smash
+    from mocosfl.privacy.attack import attack as invert
+
+    say = log or _log.info
+    tracker = tracker or NullTracker()
+    a = cfg.attack
+    ds = Dataset(cfg)
+    device = resolve_device(cfg.device)
+    torch.set_flush_denormal(True)
+    directory = run_dir(cfg, ds, shards_path(cfg)) if shards_path(cfg).exists() else None
+    if directory is None or not (directory / "encoder.pt").exists():
+        raise FileNotFoundError("no finished pretrain run for this config: run `mocosfl pretrain` first")
+    client = load_encoder(directory, device).client
+    if a.aux_source:
+        prepare_dataset(a.aux_source, cfg.data.prepared_dir, cfg.data.image_size)
+        pool = load_prepared(a.aux_source, cfg.data.prepared_dir, cfg.data.image_size).train_x
+        pool_idx = np.arange(len(pool))
+    else:
+        pool, pool_idx = ds.prepared.train_x, ds.train_idx
+    n_aux = max(2, round(a.aux_fraction * len(pool_idx)))
+    gen = rng(cfg.seed, Stream.ATTACK_IMAGES)
+    aux_x = np.asarray(pool[np.sort(gen.choice(pool_idx, n_aux, replace=False))])
+    victims_x = np.asarray(
+        ds.prepared.test_x[np.sort(gen.choice(ds.test_idx, min(a.victims, len(ds.test_idx)), replace=False))]
+    )
+    norm = ds.normalization
+    s = AttackSettings(
+        a.decoder_width, a.decoder_blocks, a.epochs, a.batch_size, a.lr, a.val_fraction, cfg.evaluate.batch_size
+    )
+
+    def pairs(model: torch.nn.Module, images: np.ndarray) -> Any:
+        return smash(model, images, norm.mean, norm.std, cfg.data.image_size, s.batch, device)
+
+    t0 = time.perf_counter()
+    aux, victims = pairs(client, aux_x), pairs(client, victims_x)
+    smashed = list(aux.h.shape[1:])
+    say(f"attacking {directory.name}'s client model: smashed {smashed}, {n_aux} aux images, {len(victims_x)} victims")
+    trained = invert(aux, victims, s, a.seeds, cfg.seed, device, say)
+    say("the same attack on a random-init client model (the floor) ...")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        m = cfg.model
+        random_client, _ = build_split_model(
+            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
+        )
+    rand_aux, rand_victims = pairs(random_client.to(device), aux_x), pairs(random_client.to(device), victims_x)
+    rand = invert(rand_aux, rand_victims, s, a.seeds, cfg.seed, device, say)
+    result: dict[str, Any] = {m: trained[m] for m in METRICS}
+    result["floors"] = {
+        "mean_image": mean_image_floor(aux, victims),
+        "random_init": {m: rand[m]["mean"] for m in METRICS},
+        "random_init_std": {m: rand[m]["std"] for m in METRICS},
+    }
+    result.update(
+        per_seed=trained["per_seed"],
+        random_init_per_seed=rand["per_seed"],
+        run_dir=str(directory),
+        smashed_shape=smashed,
+        bytes_per_image=int(np.prod(smashed)) * 4,
+        aux_images=n_aux,
+        aux_source=a.aux_source or "training images",
+        victims=len(victims_x),
+        seeds=a.seeds,
+        decoder=a.decoder,
+        decoder_params=sum(
+            p.numel()
+            for p in InversionDecoder(
+                smashed[0], smashed[-1], cfg.data.image_size, a.decoder_width, a.decoder_blocks
+            ).parameters()
+        ),
+        seconds=time.perf_counter() - t0,
+    )
+    write_json(metrics_path(cfg, "attack.json"), result)
+    grid = metrics_path(cfg, "attack_grid.png")
+    plot_grid({"victims": victims.x, "trained f_c": trained["recon"], "random f_c": rand["recon"]}, grid)
+    say(
+        f"attack SSIM {result['ssim']['mean']:.3f} +- {result['ssim']['std']:.3f} (mean-image floor "
+        f"{result['floors']['mean_image']['ssim']:.3f}, random init {result['floors']['random_init']['ssim']:.3f})"
+    )
+    pretrain_run = read_run_id(directory)
+    tags = {"stage": "attack", "code_hash": identity.code_hash()} | (
+        {"pretrain_run_id": pretrain_run} if pretrain_run else {}
+    )
+    numbers = {f"attack.{m}": result[m]["mean"] for m in METRICS} | {
+        f"attack.{m}_std": result[m]["std"] for m in METRICS
+    }
+    for floor in ("mean_image", "random_init"):
+        numbers |= {f"floor.{floor}.{m}": float(result["floors"][floor][m]) for m in METRICS}
+    with tracker.run("attack", tags=tags, params=flatten(cfg.to_dict())) as run_id:
+        tracker.log_metrics(numbers)
+        tracker.log_artifact(metrics_path(cfg, "attack.json"), "metrics")
+        tracker.log_artifact(grid, "metrics")
+    if pretrain_run:
+        tracker.add_to_run(pretrain_run, {k: v for k, v in numbers.items() if k.startswith("attack.")})
     if run_id:
         result["tracking_run_id"] = run_id
     return result

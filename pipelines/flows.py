@@ -1,4 +1,5 @@
-"""Prefect flow `mocosfl`: prepare -> partition -> pretrain -> evaluate -> report, or an Optuna study.
+"""Prefect flow `mocosfl`: prepare -> partition -> pretrain -> evaluate -> report, the model-inversion
+attack on a trained run, or an Optuna study.
 
 Each task is one call into the mocosfl CLI. When the flow runs params.yaml's own
 profile with no overrides, stages go through `dvc repro --single-item`, so DVC's
@@ -27,10 +28,16 @@ PARAMS = ROOT / "params.yaml"
 JOBS = {
     "pretrain": ["prepare", "partition", "pretrain", "evaluate"],
     "pipeline": ["prepare", "partition", "pretrain", "evaluate", "report"],
+    "attack": ["prepare", "partition", "pretrain", "attack"],
     "tune": ["prepare", "partition", "tune"],
 }
 # What each stage leaves in metrics/ (read back when DVC ran the stage in a subprocess).
-STAGE_METRICS = {"partition": "partition.json", "pretrain": "pretrain.json", "evaluate": "eval.json"}
+STAGE_METRICS = {
+    "partition": "partition.json",
+    "pretrain": "pretrain.json",
+    "evaluate": "eval.json",
+    "attack": "attack.json",
+}
 
 
 def params_profile() -> str:
@@ -106,6 +113,11 @@ def evaluate(profile: str, overrides: list[str]) -> dict[str, Any]:
     return run_stage("evaluate", profile, overrides)
 
 
+@task(name="attack")
+def attack(profile: str, overrides: list[str]) -> dict[str, Any]:
+    return run_stage("attack", profile, overrides)
+
+
 @task(name="report")
 def report(profile: str, overrides: list[str]) -> dict[str, Any]:
     return run_stage("report", profile, overrides)
@@ -116,12 +128,12 @@ def tune(profile: str, overrides: list[str]) -> dict[str, Any]:
     return run_stage("tune", profile, overrides)
 
 
-TASKS = {t.name: t for t in (prepare, partition, pretrain, evaluate, report, tune)}
+TASKS = {t.name: t for t in (prepare, partition, pretrain, evaluate, attack, report, tune)}
 
 
 @flow(name="mocosfl", log_prints=True)
 def mocosfl_flow(profile: str = "cpu", overrides: list[str] | None = None, job: str = "pipeline") -> dict[str, Any]:
-    """Run a job (`pretrain`, `pipeline` or `tune`) for a profile and KEY=VALUE overrides."""
+    """Run a job (`pretrain`, `pipeline`, `attack` or `tune`) for a profile and KEY=VALUE overrides."""
     if job not in JOBS:
         raise ValueError(f"job={job!r} is invalid: allowed {', '.join(JOBS)}")
     overrides = list(overrides or [])

@@ -1,4 +1,4 @@
-"""Serve the `mocosfl` flow's deployments (pretrain, pipeline, tune) to a running Prefect server.
+"""Serve the `mocosfl` flow's deployments (pretrain, pipeline, attack, tune) to a running Prefect server.
 
 `make serve` starts the server and this; then, in another terminal:
     export PREFECT_API_URL=http://127.0.0.1:4200/api
@@ -22,7 +22,7 @@ def main() -> None:
             parameters={"job": job, "profile": "cpu", "overrides": []},
             description=f"mocosfl {job} job; parameters: profile, overrides (KEY=VALUE list)",
         )
-        for job in ("pretrain", "pipeline", "tune")
+        for job in ("pretrain", "pipeline", "attack", "tune")
     ]
     serve(*deployments)  # type: ignore[arg-type]  # sync context: RunnerDeployment, not a coroutine
 

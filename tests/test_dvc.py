@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 VENV = Path(sys.executable).parent.parent  # not resolved: the venv, not the base interpreter
 DVC = VENV / "bin" / "dvc"
-STAGES = ("prepare", "partition", "pretrain", "evaluate", "report")
+STAGES = ("prepare", "partition", "pretrain", "evaluate", "attack", "report")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -133,7 +133,7 @@ def test_dvc_repro_status_and_push_pull(repo: Path) -> None:
     params.write_text(text.replace("\n  lr: 0.06", "\n  lr: 0.05"))
     status = dvc("status")
     assert "pretrain:" in status and "prepare:" not in status and "partition:" not in status
-    assert _ran(dvc("repro")) == {"pretrain", "evaluate", "report"}
+    assert _ran(dvc("repro")) == {"pretrain", "evaluate", "attack", "report"}
     assert "Data and pipelines are up to date" in dvc("status")
 
     # An edit of the training code that changes the numbers: DVC re-runs pretrain and it trains anew
@@ -144,7 +144,7 @@ def test_dvc_repro_status_and_push_pull(repo: Path) -> None:
     assert "/ temperature" in code
     server.write_text(code.replace("/ temperature", "/ (0.9 * temperature)", 1))
     retrained = dvc("repro")
-    assert _ran(retrained) == {"pretrain", "evaluate", "report"} and "already finished" not in retrained
+    assert _ran(retrained) == {"pretrain", "evaluate", "attack", "report"} and "already finished" not in retrained
     after = json.loads((repo / "metrics/pretrain.json").read_text())
     assert after["run_id"] != before["run_id"] and after["code_hash"] != before["code_hash"]
     assert after["resumed_from_step"] == 0 and after["final_loss"] != before["final_loss"]
