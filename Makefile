@@ -50,7 +50,7 @@ bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,1000
 gpu-check: setup  ## CUDA tests + width-64 bench in fp32/TF32 and bf16 (one JSON line; skips without a GPU)
 	$(PY) scripts/gpu_check.py
 
-results: setup  ## baselines + ablations table reports/results-<profile>[-<suite>].md (SUITE=main|full|long|paper, SEEDS=N)
+results: setup  ## baselines + ablations table reports/results-<profile>[-<suite>].md (SUITE=main|full|long|paper|privacy, SEEDS=N)
 	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(if $(SEEDS),--seeds $(SEEDS),) $(foreach o,$(OVERRIDES),--set $(o))
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)

@@ -206,7 +206,10 @@ def cmd_pretrain(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
             "never" if plan.sync_period is None else f"every {plan.sync_period}",
             resuming,
         )
-        state["bar"] = _progress_bar(plan.total_steps, "pretrain")
+        if "bar" in state:  # TAResSFL: the expert's bar (phase 1) ends where the run's starts
+            state["bar"].close()
+            state.pop("knn", None)
+        state["bar"] = _progress_bar(plan.total_steps, "expert" if trainer.method == "expert" else "pretrain")
         state["bar"].update(trainer.step)
 
     def on_step(row: dict[str, float]) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,19 @@ class PartitionConfig:
     out_dir: str = "data/partitions"
 
 
+BOTTLENECK_PATTERN = re.compile(r"C([1-9][0-9]*)S([1-9][0-9]*)")
+
+
+def parse_bottleneck(text: str) -> tuple[int, int] | None:
+    """``"C4S2"`` -> (4 channels, stride 2); ``"none"`` -> None. ValueError names the key otherwise."""
+    if text == "none":
+        return None
+    match = BOTTLENECK_PATTERN.fullmatch(text)
+    if not match:
+        raise ValueError(f"model.bottleneck={text!r} is invalid: 'none' or C<channels>S<stride>, e.g. 'C4S2'")
+    return int(match.group(1)), int(match.group(2))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     width: int = 64
@@ -60,6 +74,9 @@ class ModelConfig:
     proj_hidden_dim: int = 1024
     proj_dim: int = 1024
     gn_channels_per_group: int = 4  # GroupNorm groups = channels // this, in every norm (the reference: 4)
+    # none, or C<c>S<s>: the client ends in a stride-s conv to c channels, the server starts with the transposed
+    # conv back (the reference's privacy runs use C4S2: smashed data 4x16x16 instead of width x 32 x 32)
+    bottleneck: str = "none"
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,28 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class TaressflConfig:
+    """Target-aware ResSFL (``mocosfl.privacy.taressfl``): a trusted party first trains an attacker-aware "expert"
+    client (phase 1); MocoSFL then starts every client, the server and their EMA targets from it (phase 2)."""
+
+    enabled: bool = False
+    alpha: float = 2.0  # weight of the hinge alpha * (SSIM - target_ssim); 0 = the control (no regulariser)
+    # tau: the simulated attacker's SSIM the regulariser pushes the client below; 0 = always alpha * dSSIM/dh
+    target_ssim: float = 0.6
+    # dp: fraction of the clients' training images the expert also trains on ("target-aware" when > 0)
+    target_fraction: float = 0.0
+    # The expert's own images: an ImageFolder dir/.tar.gz (its train/ split); null = the training-set images
+    # that data.train_limit's slice leaves out (disjoint from every client, validation and test image).
+    aux_source: str | None = None
+    steps: int = 78200  # phase-1 steps (the reference: 200 epochs x 391)
+    batch_size: int = 128  # auxiliary images per step, plus as many target images when target_fraction > 0
+    decoder_width: int = 64  # the simulated attacker's res_normN{blocks}C{width} decoder
+    decoder_blocks: int = 4
+    decoder_lr: float = 1e-3  # Adam
+    freeze_clients: bool = True  # phase 2: clients keep the expert's weights (the reference: client lr 0)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     steps: int = 20
     warmup: int = 3
@@ -214,6 +253,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    taressfl: TaressflConfig = field(default_factory=TaressflConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -253,6 +293,7 @@ PATH_KEYS = {
 PATH_FIELDS = {
     "data.source",
     "attack.aux_source",
+    "taressfl.aux_source",
     "data.prepared_dir",
     "partition.out_dir",
     "pretrain.runs_dir",
@@ -408,8 +449,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"attack.val_fraction={cfg.attack.val_fraction!r} is invalid: must be in (0, 1)")
     if not cfg.attack.lr > 0:
         raise ConfigError(f"attack.lr={cfg.attack.lr!r} is invalid: must be > 0")
+    _validate_taressfl(cfg.taressfl)
     _positive("bench.warmup", cfg.bench.warmup, 0)
     _positive("distributed.client_hosts", cfg.distributed.client_hosts, 0)
+    if cfg.taressfl.enabled and cfg.distributed.client_hosts:
+        raise ConfigError("taressfl.enabled=true is not supported with distributed.client_hosts > 0 (in process only)")
     _positive("distributed.max_restarts", cfg.distributed.max_restarts, 0)
     for key in [
         "partition.dirichlet_alpha",
@@ -440,11 +484,35 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_taressfl(t: TaressflConfig) -> None:
+    for key in ["steps", "decoder_width"]:
+        _positive(f"taressfl.{key}", getattr(t, key))
+    _positive("taressfl.batch_size", t.batch_size, 2)  # the simulated decoder's batch norm needs two images
+    _positive("taressfl.decoder_blocks", t.decoder_blocks, 0)
+    if not 0 <= t.target_fraction < 1:
+        raise ConfigError(f"taressfl.target_fraction={t.target_fraction!r} is invalid: must be in [0, 1)")
+    if t.alpha < 0:
+        raise ConfigError(f"taressfl.alpha={t.alpha!r} is invalid: must be >= 0 (0 = no regulariser)")
+    if not 0 <= t.target_ssim < 1:
+        raise ConfigError(f"taressfl.target_ssim={t.target_ssim!r} is invalid: must be in [0, 1)")
+    if not t.decoder_lr > 0:
+        raise ConfigError(f"taressfl.decoder_lr={t.decoder_lr!r} is invalid: must be > 0")
+
+
 def _validate_model_augment(cfg: Config) -> None:
     m, a = cfg.model, cfg.augment
     if m.width % m.gn_channels_per_group:
         raise ConfigError(
             f"model.gn_channels_per_group={m.gn_channels_per_group!r} is invalid: must divide model.width={m.width}"
+        )
+    try:
+        squeeze = parse_bottleneck(m.bottleneck)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if squeeze is not None and (cfg.data.image_size % squeeze[1] or squeeze[1] & (squeeze[1] - 1)):
+        raise ConfigError(
+            f"model.bottleneck={m.bottleneck!r} is invalid: stride {squeeze[1]} must be a power of two that "
+            f"divides data.image_size={cfg.data.image_size} (the attack's decoder doubles the resolution per step)"
         )
     lo, hi = a.crop_scale
     if not 0 < lo <= hi <= 1:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from mocosfl.config import Config
-from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
+from mocosfl.models.resnet import Encoder, ServerModel, count_params, split_model
 from mocosfl.sfl.server import local_queue_size
 from mocosfl.sfl.trainer import Plan, moco_loss
 
@@ -77,18 +77,23 @@ def mocosfl_client_flops(cfg: Config, client_batch_size: int) -> float:
     """FLOPs per image of a MocoSFL client step at the configured cut.
 
     The client runs its online model on view 1 (graph kept), its EMA target on view 2 (no grad),
-    and backprops the server's gradient through the online model.  Shape: views [b, 3, S, S].
+    and backprops the server's gradient through the online model (frozen TAResSFL clients do not).
+    Shape: views [b, 3, S, S].
     """
     m, s, b = cfg.model, cfg.data.image_size, client_batch_size
-    client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
+    client, _ = split_model(m)
     target = copy.deepcopy(client).requires_grad_(False)
     view1, view2 = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
 
+    frozen = cfg.taressfl.enabled and cfg.taressfl.freeze_clients  # TAResSFL phase 2: forward passes only
+
     def step() -> None:
-        h_q = client(view1)  # [b, C', H', W']
+        with torch.set_grad_enabled(not frozen):
+            h_q = client(view1)  # [b, C', H', W']
         with torch.no_grad():
             target(view2)
-        h_q.backward(torch.ones_like(h_q))  # stands in for the server's dloss/dh_q
+        if not frozen:
+            h_q.backward(torch.ones_like(h_q))  # stands in for the server's dloss/dh_q
 
     return count_flops(step) / b
 
@@ -100,7 +105,7 @@ def flmoco_client_flops(cfg: Config, client_batch_size: int, local_queue_size: i
     backward through the whole online model.  Shape: views [b, 3, S, S], negatives [K/M, D].
     """
     m, s, b = cfg.model, cfg.data.image_size, client_batch_size
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
+    client, server = split_model(m)
     model = ServerModel(Encoder(client, server.backbone), server.head)
     target = copy.deepcopy(model).requires_grad_(False)
     view1, view2 = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
@@ -122,7 +127,7 @@ def client_cost(method: str, cfg: Config, plan: Plan | None) -> tuple[int | None
     if plan is None or method == "central":
         return None, None
     m = cfg.model
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
+    client, server = split_model(m)
     if method == "mocosfl":
         return count_params(client), mocosfl_client_flops(cfg, plan.client_batch_size)
     if method == "flmoco":

@@ -29,6 +29,10 @@ class Stream(IntEnum):
     ATTACK_IMAGES = 21  # (seed, 21): the attacker's auxiliary training images and the victim test images
     ATTACK_SPLIT = 22  # (seed, 22): the auxiliary images' split into decoder training / validation
     ATTACK = 23  # (seed, 23, attack seed): one attack's decoder initialisation and batch order
+    EXPERT_TARGET = 24  # (seed, 24): the clients' images a TAResSFL expert also trains on (taressfl.target_fraction)
+    EXPERT_EPOCH = 25  # (seed, 25, source, epoch): the expert's permutation of its auxiliary (0) or target (1) images
+    EXPERT_AUGMENT = 26  # (seed, 26, step): the expert's two augmented views of a step
+    EXPERT_DECODER = 27  # (seed, 27): the expert's simulated attacker's initialisation
 
 
 def rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:

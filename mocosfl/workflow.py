@@ -20,7 +20,7 @@ import torch
 
 from mocosfl import identity
 from mocosfl.checkpoints import load_latest_checkpoint, save_checkpoint
-from mocosfl.config import Config, config_hash
+from mocosfl.config import Config, ConfigError, ModelConfig, config_hash
 from mocosfl.costs import peak_rss_mb
 from mocosfl.data.partition import (
     PartitionError,
@@ -43,10 +43,11 @@ from mocosfl.data.prepare import (
 from mocosfl.eval.knn import extract_features, knn_top1
 from mocosfl.eval.linear import linear_probe
 from mocosfl.io import atomic_path, write_json, write_text
-from mocosfl.models.resnet import Encoder, build_split_model
+from mocosfl.models.resnet import Encoder, split_model
 from mocosfl.plotdata import write_plot_data
 from mocosfl.precision import resolve_precision
 from mocosfl.privacy.decoder import InversionDecoder
+from mocosfl.privacy.taressfl import collapse_reason
 from mocosfl.seeding import Stream, rng
 from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
 from mocosfl.tracking import NullTracker, Tracker, flatten
@@ -228,7 +229,8 @@ def run_dir(cfg: Config, ds: Dataset, shards_file: Path, method: str = "mocosfl"
     (``identity.code_hash``): an edit that can change the numbers gives a new run, trained anew.
     """
     precision = resolve_precision(cfg.pretrain.precision, resolve_device(cfg.device), method)
-    h = config_hash(cfg, PRETRAIN_SECTIONS, f"{data_hash(ds, shards_file)}:{identity.code_hash()}:{precision}")
+    sections = PRETRAIN_SECTIONS + (("taressfl",) if cfg.taressfl.enabled else ())  # else its knobs do nothing
+    h = config_hash(cfg, sections, f"{data_hash(ds, shards_file)}:{identity.code_hash()}:{precision}")
     return Path(cfg.pretrain.runs_dir) / (h if method == "mocosfl" else f"{method}-{h}")
 
 
@@ -321,6 +323,7 @@ def encoder_payload(trainer: TrainLoop) -> dict[str, Any]:
             "gn_channels_per_group": m.gn_channels_per_group,
             "proj_hidden_dim": m.proj_hidden_dim,
             "proj_dim": m.proj_dim,
+            "bottleneck": m.bottleneck,
         },
         "client": enc.client.state_dict(),
         "backbone": enc.backbone.state_dict(),
@@ -349,7 +352,8 @@ def pretrain(
     """Train (or resume, or skip when finished) the run of ``method`` keyed by this config, data and code.
 
     ``tracker`` gets one run per training (continued on resume): the config as params, per-epoch
-    history metrics, final metrics, provenance tags, the metrics files and the encoder.
+    history metrics, final metrics, provenance tags, the metrics files and the encoder. With
+    ``taressfl.enabled``, the expert (phase 1, ``ensure_expert``) is trained first and the run starts from it.
     """
     tracker = tracker or NullTracker()
     ds = Dataset(cfg)
@@ -364,6 +368,8 @@ def pretrain(
         write_json(metrics_path(cfg, "pretrain.json"), result)
         write_plot_data(cfg.metrics_dir, result["history"])  # DVC deleted the plot files before this re-run
         return result  # type: ignore[no-any-return]
+    if cfg.taressfl.enabled and method != "mocosfl":
+        raise ConfigError(f"taressfl.enabled=true applies to MocoSFL only, not to method '{method}'")
 
     distributed = cfg.distributed.client_hosts > 0
     if distributed and not torch.distributed.is_initialized():  # this process launches the ranks
@@ -372,6 +378,7 @@ def pretrain(
         return launch(cfg, method, directory)
     device = resolve_device(cfg.device)
     norm = ds.normalization
+    expert: dict[str, Any] | None = None
     if distributed:  # rank 0 of a distributed run: the server, without the training images
         from mocosfl.distributed.roles import ServerTrainer
 
@@ -381,6 +388,8 @@ def pretrain(
     else:
         knn = knn_data(cfg, ds, shards)
         trainer = make_trainer(method, cfg, ds.train_x(), shards, norm.mean, norm.std, knn, device)
+        if cfg.taressfl.enabled:  # after the trainer: a phase-2 config error comes before phase 1 trains
+            expert = ensure_expert(cfg, ds, shards, knn, device, on_step, on_start)
     # After the trainer, whose plan may reject the config: a bad input stays a one-line error.
     _log.info("normalization: %s (mean %s, std %s)", norm.source, norm.mean, norm.std)
     if distributed:  # every rank resumes from the newest step all of them checkpointed
@@ -391,13 +400,44 @@ def pretrain(
         state = load_latest_checkpoint(directory)
         if state is not None:
             trainer.load_state_dict(state)
-    start_step = trainer.step
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "config.json", cfg.to_dict())
+        elif expert is not None:
+            assert isinstance(trainer, MocoSFLTrainer)
+            trainer.load_expert(expert)
     tags = provenance(ds, shards_file, directory, method) | {
         "precision": trainer.precision,
         "normalization": norm.source,
     }
+    if expert is not None:
+        tags["taressfl_expert_dir"] = expert["run_dir"]
+
+    def finish(result: dict[str, Any]) -> None:
+        result.update(profile=cfg.profile, method=method, val_images=len(ds.val_idx))
+        if expert is not None:
+            result["taressfl_expert"] = expert["summary"]
+        write_json(done, result)
+        write_json(metrics_path(cfg, "pretrain.json"), result)
+        write_plot_data(cfg.metrics_dir, trainer.history)  # one CSV per curve, for `dvc plots`
+        _report_pretrain(tracker, cfg, result)
+
+    return train_run(cfg, trainer, directory, tags, tracker, finish, on_step, on_start)
+
+
+def train_run(
+    cfg: Config,
+    trainer: TrainLoop,
+    directory: Path,
+    tags: dict[str, str],
+    tracker: Tracker,
+    finish: Callable[[dict[str, Any]], None],
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_start: Callable[[TrainLoop, Path], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``trainer`` to its last step in ``directory`` (checkpoints, ``encoder.pt``), tracked as one run;
+    returns its summary. ``finish`` gets the summary inside the tracked run: it writes ``pretrain.json`` (the
+    run counts as finished from then on) and reports to the tracker."""
+    start_step = trainer.step
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", cfg.to_dict())
 
     def step_hook(row: dict[str, float]) -> None:
         if "epoch" in row:
@@ -409,7 +449,7 @@ def pretrain(
         save_checkpoint(directory, t.state_dict(), cfg.pretrain.keep_checkpoints)
 
     with tracker.run(
-        f"pretrain-{directory.name}",
+        f"{tags.get('stage', 'pretrain')}-{directory.name}",
         resume_id=read_run_id(directory),
         tags={"stage": "pretrain", **tags},
         params=flatten(cfg.to_dict()),
@@ -425,27 +465,139 @@ def pretrain(
 
         result = trainer.summary()
         knn_rows = [r for r in trainer.history if "knn_top1" in r]
+        final_loss = trainer.history[-1]["loss_mean"] if trainer.history else None
+        knn = knn_rows[-1]["knn_top1"] if knn_rows else None  # on validation images, like the history's
+        num_classes = trainer.knn.num_classes if trainer.knn else None
+        collapsed = (
+            collapse_reason(knn, final_loss, num_classes, cfg.moco.queue_size, cfg.moco.symmetric)
+            if num_classes
+            else None
+        )
+        if collapsed:
+            _log.warning("run %s collapsed: %s; its numbers describe a collapsed encoder", directory.name, collapsed)
         result.update(
             run_dir=str(directory),
             run_id=directory.name,
-            **{k: v for k, v in tags.items() if k not in ("method", "run_hash")},
+            **{k: v for k, v in tags.items() if k not in ("method", "run_hash", "stage")},
             tracking_run_id=tracking_id,
             resumed_from_step=start_step,
             wall_seconds_this_session=time.perf_counter() - wall0,
             peak_rss_mb_this_session=peak_rss_mb(),
-            final_loss=trainer.history[-1]["loss_mean"] if trainer.history else None,
-            knn_top1=knn_rows[-1]["knn_top1"] if knn_rows else None,  # on validation images, like the history's
+            final_loss=final_loss,
+            knn_top1=knn,
             knn_queries="val",
-            val_images=len(ds.val_idx),
+            collapsed=collapsed,
             history=trainer.history,
-            profile=cfg.profile,
-            method=method,
         )
-        write_json(done, result)
-        write_json(metrics_path(cfg, "pretrain.json"), result)
-        write_plot_data(cfg.metrics_dir, trainer.history)  # one CSV per curve, for `dvc plots`
-        _report_pretrain(tracker, cfg, result)
+        finish(result)
     return result
+
+
+def expert_data(cfg: Config, ds: Dataset, shards: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A TAResSFL expert's images and their sources: ``taressfl.aux_source``'s training images (else the
+    training-set images outside this run's ``data.train_limit`` slice), then ``taressfl.target_fraction`` of
+    the images the clients hold. Shape: images [n_aux + n_target, H, W, 3]; sources [aux rows(, target rows)]."""
+    t = cfg.taressfl
+    if t.aux_source:
+        prepare_dataset(t.aux_source, cfg.data.prepared_dir, cfg.data.image_size)
+        aux_x = np.asarray(load_prepared(t.aux_source, cfg.data.prepared_dir, cfg.data.image_size).train_x)
+    else:
+        used = np.zeros(len(ds.prepared.train_y), dtype=bool)
+        used[ds.train_idx] = used[ds.val_idx] = True
+        if used.all():
+            raise ConfigError(
+                "taressfl: the expert needs images no client holds: set taressfl.aux_source to an ImageFolder, "
+                "or data.train_limit below the training set's size so the images it leaves out are the expert's"
+            )
+        aux_x = np.asarray(ds.prepared.train_x[np.flatnonzero(~used)])
+    held = np.sort(np.concatenate(shards))
+    n_target = round(t.target_fraction * len(held))
+    if t.target_fraction > 0 and n_target < t.batch_size:
+        raise ConfigError(
+            f"taressfl.target_fraction={t.target_fraction!r} gives {n_target} of the clients' images, "
+            f"fewer than taressfl.batch_size={t.batch_size}"
+        )
+    if len(aux_x) < t.batch_size:
+        raise ConfigError(f"taressfl: {len(aux_x)} auxiliary images, fewer than taressfl.batch_size={t.batch_size}")
+    target = np.sort(rng(cfg.seed, Stream.EXPERT_TARGET).choice(held, n_target, replace=False))
+    target_x = np.asarray(ds.prepared.train_x[ds.train_idx[target]])
+    n_aux = len(aux_x)
+    sources = [np.arange(n_aux)] + ([n_aux + np.arange(n_target)] if n_target else [])
+    return np.concatenate([aux_x, target_x]), sources
+
+
+def expert_config(cfg: Config, sources: list[np.ndarray]) -> Config:
+    """The expert's config: one "client" per image source, each giving ``taressfl.batch_size`` images a step,
+    for ``taressfl.steps`` steps; phase-2-only knobs reset, so they share one expert."""
+    n = len(sources)
+    return cfg.replace(
+        **{
+            "partition.num_clients": n,
+            "sfl.clients_per_round": n,
+            "sfl.client_batch_size": cfg.taressfl.batch_size,
+            "sfl.sample_period": "auto",
+            "sfl.sync_period": "never",
+            "sfl.stateful_clients": False,
+            "sfl.sync_targets": True,
+            "pretrain.steps": cfg.taressfl.steps,
+            "taressfl.freeze_clients": True,
+        }
+    )
+
+
+def ensure_expert(
+    cfg: Config,
+    ds: Dataset,
+    shards: list[np.ndarray],
+    knn: KnnData,
+    device: torch.device,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_start: Callable[[TrainLoop, Path], None] | None = None,
+) -> dict[str, Any]:
+    """TAResSFL phase 1: train (or resume, or reuse) this config's expert in ``runs/expert-<hash>``.
+
+    Returns the expert's weights (``ExpertTrainer.expert_payload``), its run directory and its summary.
+    The kNN monitor is the run's (an evaluator's view, used only to report the expert and spot a collapse).
+    """
+    from mocosfl.privacy.taressfl import ExpertTrainer
+
+    train_x, sources = expert_data(cfg, ds, shards)
+    ecfg = expert_config(cfg, sources)
+    directory = run_dir(ecfg, ds, shards_path(cfg), "expert")
+    weights = directory / "expert.pt"
+    done = directory / "pretrain.json"
+    if not (done.exists() and weights.exists()):
+        norm = ds.normalization
+        trainer = ExpertTrainer(ecfg, train_x, sources, norm.mean, norm.std, knn, device)
+        state = load_latest_checkpoint(directory)
+        if state is not None:
+            trainer.load_state_dict(state)
+        _log.info(
+            "TAResSFL phase 1: expert %s on %d auxiliary + %d target images, %d steps (alpha %g, tau %g)",
+            directory.name,
+            len(sources[0]),
+            len(sources[1]) if len(sources) > 1 else 0,
+            trainer.plan.total_steps,
+            cfg.taressfl.alpha,
+            cfg.taressfl.target_ssim,
+        )
+        tags = provenance(ds, shards_path(cfg), directory, "expert") | {"stage": "taressfl-expert"}
+
+        def finish(result: dict[str, Any]) -> None:
+            result.update(profile=cfg.profile, method="expert")
+            with atomic_path(weights) as tmp:
+                torch.save(trainer.expert_payload(), tmp)
+            write_json(done, result)
+
+        def expert_step(row: dict[str, float]) -> None:  # marked, so a caller can tell phase 1 from phase 2
+            if on_step:
+                on_step({**row, "expert": 1.0})
+
+        train_run(ecfg, trainer, directory, tags, NullTracker(), finish, expert_step, on_start)
+    summary = json.loads(done.read_text())
+    summary.pop("history", None)
+    payload = torch.load(weights, map_location="cpu", weights_only=True)
+    return payload | {"run_dir": str(directory), "summary": summary}
 
 
 def _report_pretrain(tracker: Tracker, cfg: Config, result: dict[str, Any]) -> None:
@@ -497,8 +649,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     m = payload["model"]
     if "gn_channels_per_group" not in m:  # saved before GroupNorm used the reference's 4 channels per group
         raise DataError(f"{path} has the old GroupNorm layout (model.gn_groups); pretrain it again with this version")
-    cpg = m["gn_channels_per_group"]
-    client, server = build_split_model(m["width"], m["cut_layers"], m["proj_hidden_dim"], m["proj_dim"], cpg)
+    client, server = split_model(ModelConfig(**m))  # saved before the bottleneck option: "none"
     enc = Encoder(client, server.backbone)
     enc.client.load_state_dict(payload["client"])
     enc.backbone.load_state_dict(payload["backbone"])
@@ -525,9 +676,7 @@ def evaluate(
     if cfg.evaluate.encoder == "random":
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        client, server = build_split_model(
-            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
-        )
+        client, server = split_model(m)
         enc = Encoder(client, server.backbone).to(device).eval().requires_grad_(False)
         source = "random init"
     else:
@@ -652,9 +801,7 @@ def attack(cfg: Config, log: Callable[[str], None] | None = None, tracker: Track
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        random_client, _ = build_split_model(
-            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
-        )
+        random_client, _ = split_model(m)
     rand_aux, rand_victims = pairs(random_client.to(device), aux_x), pairs(random_client.to(device), victims_x)
     rand = invert(rand_aux, rand_victims, s, a.seeds, cfg.seed, device, say)
     result: dict[str, Any] = {m: trained[m] for m in METRICS}

@@ -39,7 +39,7 @@ from mocosfl.experiments import rows
 from mocosfl.experiments.rows import default_suite
 from mocosfl.experiments.suites import SUITES
 from mocosfl.io import atomic_path, write_json, write_text
-from pipelines import tracking
+from pipelines import privacy_table, tracking
 
 # "MocoSFL matches centralized MoCo" when its linear probe is at most this many points below.
 MATCH_POINTS = 2.0
@@ -316,10 +316,8 @@ def code_line(root: Path = identity.PACKAGE.parent) -> str:
     return f"git {sha}{dirty}; training-code hash {identity.code_hash()} (`mocosfl --version`)"
 
 
-def markdown(
-    cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, suite_seconds: float, plots: list[str]
-) -> str:
-    """The results page: header (provenance, budget, seeds, wall time), table, plots, claims, notes."""
+def header_lines(cfg: Config, suite: str, entries: list[dict[str, Any]], suite_seconds: float) -> list[str]:
+    """A results page's title and provenance, budget, seeds and wall-time lines."""
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     table = aggregate(entries)
@@ -332,7 +330,7 @@ def markdown(
     runs = {x["key"]: x["wall_seconds"] for x in entries}  # rows that resolve to one run share it
     most = max(e["seeds"] for e in table) if table else 1
     e = cfg.evaluate
-    lines = [
+    return [
         f"# Results: suite `{suite}`, profile `{cfg.profile}`",
         "",
         f"- Date: {date}; machine: {machine}.",
@@ -346,6 +344,15 @@ def markdown(
         f"- Wall time: {sum(runs.values()) / 60:.1f} min, the sum of the {len(runs)} distinct runs' measured "
         "training + evaluation times (each row's mean per run in the table), whenever they ran; this invocation "
         f"took {suite_seconds / 60:.1f} min (finished runs are read from the cache).",
+    ]
+
+
+def markdown(
+    cfg: Config, suite: str, entries: list[dict[str, Any]], stem: str, suite_seconds: float, plots: list[str]
+) -> str:
+    """The results page: header (provenance, budget, seeds, wall time), table, plots, claims, notes."""
+    table = aggregate(entries)
+    lines = header_lines(cfg, suite, entries, suite_seconds) + [
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -497,6 +504,10 @@ def run_suite(
     t_suite = time.perf_counter()
     cache = rows.results_dir(cfg)
     counts = {row.label: rows.seed_count(row, cfg.profile, seeds) for row in SUITES[suite]}
+    if suite == "privacy" and max(counts.values()) > 1:
+        raise ConfigError(
+            f"--seeds {seeds} is invalid for the privacy suite: a row is one trained model, its spread the attack's"
+        )
     resolved = [rows.resolve(cfg, row, suite, i) for row in SUITES[suite] for i in range(counts[row.label])]
     unique: dict[str, rows.Resolved] = {}
     for r in resolved:
@@ -540,10 +551,17 @@ def run_suite(
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = output_stem(cfg, suite)
         plots = plot_results(entries, out_dir, stem)
+        if suite == "privacy":
+            plots += privacy_table.plot(aggregate(entries), out_dir, stem)
         suite_seconds = time.perf_counter() - t_suite
         md, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-        write_text(md, markdown(cfg, suite, entries, stem, suite_seconds, plots))
-        write_text(csv_path, csv_text(entries))
+        if suite == "privacy":
+            header = header_lines(cfg, suite, entries, suite_seconds)
+            write_text(md, privacy_table.markdown(header, aggregate(entries), stem, plots, verdict))
+            write_text(csv_path, privacy_table.csv_text(entries))
+        else:
+            write_text(md, markdown(cfg, suite, entries, stem, suite_seconds, plots))
+            write_text(csv_path, csv_text(entries))
         if track:
             import mlflow
 

@@ -35,6 +35,8 @@ def test_split_has_its_own_stream() -> None:
     # Earlier streams keep their values (recorded results depend on them).
     assert (Stream.TRAIN_SUBSET, Stream.KNN_QUERIES, Stream.BENCH_AUGMENT) == (11, 14, 99)
     assert (Stream.VAL_SPLIT, Stream.ATTACK_IMAGES, Stream.ATTACK_SPLIT, Stream.ATTACK) == (15, 21, 22, 23)
+    experts = (Stream.EXPERT_TARGET, Stream.EXPERT_EPOCH, Stream.EXPERT_AUGMENT, Stream.EXPERT_DECODER)
+    assert experts == (24, 25, 26, 27)
 
 
 @pytest.mark.parametrize("size", [0, -3, 10, 11])

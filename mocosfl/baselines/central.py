@@ -15,7 +15,7 @@ import torch
 
 from mocosfl.config import Config
 from mocosfl.data.augment import MocoV2Augment
-from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
+from mocosfl.models.resnet import Encoder, ServerModel, count_params, split_model
 from mocosfl.precision import resolve_precision
 from mocosfl.seeding import Stream, rng, torch_generator
 from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr, maybe_compile
@@ -40,9 +40,7 @@ class CentralMoco:
         torch.set_flush_denormal(True)  # as in MocoSFLTrainer: subnormals slow CPU convolutions ~10x
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        client, server = build_split_model(
-            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
-        )
+        client, server = split_model(m)
         # The whole network is the "server" and the smashed data are the images themselves.
         self.model = ServerModel(Encoder(client, server.backbone), server.head).to(self.device)
         self.target = copy.deepcopy(self.model).requires_grad_(False)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from mocosfl.config import Config
-from mocosfl.models.resnet import Encoder, ServerModel, build_split_model, count_params
+from mocosfl.models.resnet import Encoder, ServerModel, count_params, split_model
 from mocosfl.seeding import Stream, torch_generator
 from mocosfl.sfl import clients as C
 from mocosfl.sfl.loop import RoundLoop, check_finite, cosine_lr
@@ -26,7 +26,7 @@ def build_full_model(cfg: Config) -> ServerModel:
     """The unsplit network (encoder + head), initialised as ``CentralMoco``'s from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
+    client, server = split_model(m)
     return ServerModel(Encoder(client, server.backbone), server.head)
 
 

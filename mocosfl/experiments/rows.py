@@ -23,7 +23,7 @@ from mocosfl.costs import client_cost
 from mocosfl.eval.knn import extract_features
 from mocosfl.eval.linear import linear_probe
 from mocosfl.experiments.suites import NEVER, ONE_SEED_PROFILES, Row
-from mocosfl.models.resnet import Encoder, build_split_model, feature_dim
+from mocosfl.models.resnet import Encoder, feature_dim, split_model
 from mocosfl.sfl.server import local_queue_size
 from mocosfl.sfl.trainer import Plan, resolve_device, resolve_plan
 
@@ -51,13 +51,14 @@ def results_dir(cfg: Config) -> Path:
     return Path(cfg.pretrain.runs_dir) / "results"
 
 
-def cache_key(cfg: Config, method: str, data: str) -> str:
+def cache_key(cfg: Config, method: str, data: str, attack: bool = False) -> str:
     """A row's identity: its method, resolved config, data and the training code's hash.
 
     The code hash makes an edit to training or evaluation code re-run the rows instead of reading
-    numbers that code no longer produces.
+    numbers that code no longer produces. The attack and TAResSFL sections count only where they act.
     """
-    return config_hash(cfg, ROW_SECTIONS, f"{method}:{data}:{identity.code_hash()}")
+    sections = ROW_SECTIONS + (("attack",) if attack else ()) + (("taressfl",) if cfg.taressfl.enabled else ())
+    return config_hash(cfg, sections, f"{method}:{data}:{identity.code_hash()}")
 
 
 def _slug(text: str) -> str:
@@ -78,7 +79,7 @@ def resolve(base: Config, row: Row, suite: str, seed_offset: int = 0) -> Resolve
     A sync period at or beyond the run's last step means only the FedAvg after the last step, which is
     what "never" does, so it is set to "never": "never", 500 and 50 at 8 steps are then one run, computed once.
     """
-    over = dict(row.overrides)
+    over = row.profile_overrides.get(base.profile, {}) | row.overrides
     over["seed"] = base.seed + seed_offset
     over["metrics_dir"] = str(results_dir(base) / suite / _slug(row.label) / f"seed-{base.seed + seed_offset}")
     if row.method == "random":
@@ -87,7 +88,7 @@ def resolve(base: Config, row: Row, suite: str, seed_offset: int = 0) -> Resolve
     if row.method == "random":
         workflow.prepare(cfg)
         ds = workflow.Dataset(cfg)
-        return Resolved(row, cfg, None, cache_key(cfg, row.method, ds.fingerprint()))
+        return Resolved(row, cfg, None, cache_key(cfg, row.method, ds.fingerprint(), row.attack))
     ds, shards = workflow.ensure_partition(cfg)
     sizes = np.array([len(s) for s in shards])
     plan = resolve_plan(cfg, sizes)
@@ -104,7 +105,8 @@ def resolve(base: Config, row: Row, suite: str, seed_offset: int = 0) -> Resolve
     if plan.sync_period is not None and plan.sync_period >= plan.total_steps:
         cfg = cfg.replace(**{"sfl.sync_period": NEVER})
     plan = resolve_plan(cfg, sizes)  # the rules above change only sfl.*, not the data
-    return Resolved(row, cfg, plan, cache_key(cfg, row.method, workflow.data_hash(ds, workflow.shards_path(cfg))))
+    data = workflow.data_hash(ds, workflow.shards_path(cfg))
+    return Resolved(row, cfg, plan, cache_key(cfg, row.method, data, row.attack))
 
 
 def queue_text(method: str, cfg: Config, plan: Plan | None) -> str:
@@ -137,6 +139,11 @@ def run_row(
         assert plan is not None
 
         def on_step(step_row: dict[str, float]) -> None:
+            if "expert" in step_row:  # TAResSFL phase 1: its own progress, not the row's curve
+                if "knn_top1" in step_row:
+                    step, loss, knn = int(step_row["step"]), step_row["loss_mean"], step_row["knn_top1"]
+                    log(f"  expert step {step}: loss {loss:.3f}, kNN {knn:.1f}%")
+                return
             if "knn_top1" in step_row:
                 log(
                     f"  step {int(step_row['step'])}/{plan.total_steps}: loss {step_row['loss_mean']:.3f}, "
@@ -150,7 +157,10 @@ def run_row(
     params, flops = client_cost(row.method, cfg, plan)
     train_s = float(pre.get("train_seconds", 0.0)) + float(pre.get("knn_seconds", 0.0))
     has_clients = plan is not None and row.method != "central"
-    return {
+    privacy = attack_fields(cfg, log) if row.attack else {}
+    expert = _expert_fields(pre.get("taressfl_expert"))
+    expert_s = float(expert["seconds"]) if expert else 0.0  # phase 1 is part of a TAResSFL row's cost
+    return privacy | {
         "label": row.label,
         "group": row.group,
         "method": row.method,
@@ -180,12 +190,46 @@ def run_row(
         "client_flops_per_image": flops,
         "train_seconds": train_s,
         "eval_seconds": float(ev["seconds"]),
-        "wall_seconds": train_s + float(ev["seconds"]),
+        "wall_seconds": train_s + float(ev["seconds"]) + float(privacy.get("attack_seconds", 0.0)) + expert_s,
         "knn_history": [
             {"step": h["step"], "knn_top1": h["knn_top1"]} for h in pre.get("history", []) if "knn_top1" in h
         ],
         "run_dir": pre.get("run_dir"),
+        "collapsed": pre.get("collapsed"),
+        "bottleneck": cfg.model.bottleneck,
+        "taressfl_alpha": cfg.taressfl.alpha if cfg.taressfl.enabled else None,
+        "expert": expert,
     }
+
+
+def _expert_fields(expert: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the table says of a TAResSFL row's expert (phase 1): its kNN, collapse, simulated attacker."""
+    if not expert:
+        return None
+    keys = ("knn_top1", "collapsed", "simulator_ssim_final", "hinge_active_fraction", "aux_images", "target_images")
+    seconds = float(expert.get("train_seconds", 0.0)) + float(expert.get("knn_seconds", 0.0))
+    return {k: expert.get(k) for k in keys} | {"steps": expert.get("steps"), "seconds": seconds}
+
+
+def attack_fields(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """The model-inversion attack on a finished row's client model, as table fields (``attack_*``)."""
+    t0 = time.perf_counter()
+    result = workflow.attack(cfg, log=lambda s: log("  " + s))
+    out: dict[str, Any] = {
+        "attack_bytes_per_image": result["bytes_per_image"],
+        "attack_smashed_shape": result["smashed_shape"],
+        "attack_seconds": time.perf_counter() - t0,
+        "attack_floor_mean_image_ssim": result["floors"]["mean_image"]["ssim"],
+        "attack_floor_random_init_ssim": result["floors"]["random_init"]["ssim"],
+        "attack_setup": (
+            f"res_normN{cfg.attack.decoder_blocks}C{cfg.attack.decoder_width}, {cfg.attack.epochs} epochs on "
+            f"{result['aux_images']} auxiliary images, {result['victims']} victims, {cfg.attack.seeds} attack seeds"
+        ),
+    }
+    for m in ("ssim", "psnr", "mse"):  # one attack seed: its noise is unknown (std None), not zero
+        out[f"attack_{m}"] = result[m]["mean"]
+        out[f"attack_{m}_std"] = result[m]["std"] if cfg.attack.seeds > 1 else None
+    return out
 
 
 # ----------------------------------------------------------------------------- time estimate
@@ -209,7 +253,7 @@ def _seconds_per_step(r: Resolved, ds: workflow.Dataset) -> float:
 def _seconds_per_image(cfg: Config, ds: workflow.Dataset) -> float:
     """Feature extraction time per image of a fresh encoder of this width and cut."""
     m = cfg.model
-    client, server = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
+    client, server = split_model(m)
     enc = Encoder(client, server.backbone).eval()
     images = ds.train_x()[: cfg.evaluate.batch_size]
     kw: dict[str, Any] = dict(
@@ -262,6 +306,8 @@ def estimate(todo: list[Resolved], log: Callable[[str], None]) -> float:
             monitor_images = min(pc.knn_bank_size, n_train) + min(pc.knn_query_size, n_val)
             seconds += step_s * steps + monitors * monitor_images * per_image
             text = f"{step_s:.2f} s/step x {steps} steps + {monitors} kNN monitors + evaluation"
+            if cfg.taressfl.enabled or r.row.attack:
+                text += " (not counted: the TAResSFL expert, the attack)"
         log(f"  {r.row.label}, seed {cfg.seed}: ~{seconds / 60:.1f} min ({text})")
         total += seconds
     return total

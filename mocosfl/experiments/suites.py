@@ -26,6 +26,9 @@ class Row:
     curve: bool = False  # drawn in the kNN-vs-step plot
     # Runs of the row at seeds seed, seed+1, ...; the table shows mean ± std over them.
     seeds: int = 1
+    attack: bool = False  # also run the model-inversion attack on its client model (the privacy suite)
+    # More overrides on the named profiles only (applied before ``overrides``), e.g. a budget for the cpu profile.
+    profile_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 HEADLINE_SEEDS = 3  # the rows the paper's claims rest on; ablation rows run one seed (marked in the table)
@@ -79,4 +82,48 @@ PAPER = [
     for n in (100, 200, 1000)
     for cut, part in ((1, "iid"), (1, "noniid-shards"), (3, "noniid-shards"))
 ] + [Row("centralized MoCo", "central", "reference"), Row("random init", "random", "reference")]
-SUITES: dict[str, list[Row]] = {"main": MAIN, "full": FULL, "long": LONG, "paper": PAPER}
+# The accuracy / privacy / client-cost trade-off of the cut (README "Privacy"). On the cpu profile a row takes
+# minutes on 2 cores: it trains on data.train_limit's 40,000 training images (35,000 after validation), so the
+# 10,000 left out are the TAResSFL expert's own images, and the attack is res_normN1C16 for 15 epochs. On a
+# profile that uses every training image (paper) the TAResSFL rows need taressfl.aux_source.
+PRIVACY_STEPS = 300
+PRIVACY_CPU: dict[str, Any] = {
+    "data.train_limit": 40000,
+    "pretrain.steps": PRIVACY_STEPS,
+    "taressfl.steps": PRIVACY_STEPS,
+    "attack.aux_fraction": 0.015,  # 525 of the 35,000 training images
+    "attack.decoder_width": 16,
+    "attack.decoder_blocks": 1,
+    "attack.epochs": 15,
+}
+# TAResSFL as the reference's main phase-1 runs (MocoSFL-3, C4S2, alpha 2 vs the alpha 0 control, tau 0.6,
+# 1 % of the clients' images), then phase 2 with the clients frozen at the expert.
+TARESSFL: dict[str, Any] = {
+    "model.cut_layers": 3,
+    "model.bottleneck": "C4S2",
+    "taressfl.enabled": True,
+    "taressfl.target_fraction": 0.01,
+}
+PRIVACY = [
+    Row(
+        f"MocoSFL-{cut}{', C4S2' if squeeze != 'none' else ''}",
+        "mocosfl",
+        "cut layers" if squeeze == "none" else "cut layers, bottleneck C4S2",
+        {"model.cut_layers": cut, "model.bottleneck": squeeze},
+        attack=True,
+        profile_overrides={"cpu": PRIVACY_CPU},
+    )
+    for squeeze in ("none", "C4S2")
+    for cut in (1, 3, 5)
+] + [
+    Row(
+        f"TAResSFL-3, C4S2, alpha {alpha:g}",
+        "mocosfl",
+        "TAResSFL",
+        {**TARESSFL, "taressfl.alpha": alpha},
+        attack=True,
+        profile_overrides={"cpu": PRIVACY_CPU},
+    )
+    for alpha in (2.0, 0.0)
+]
+SUITES: dict[str, list[Row]] = {"main": MAIN, "full": FULL, "long": LONG, "paper": PAPER, "privacy": PRIVACY}

@@ -6,11 +6,16 @@ across clients would leak; Weight Standardization keeps GroupNorm nets trainable
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mocosfl.config import parse_bottleneck
+
+if TYPE_CHECKING:
+    from mocosfl.config import ModelConfig
 
 CUT_LAYERS = (1, 3, 5)
 
@@ -44,11 +49,14 @@ def standardize_weight(w: torch.Tensor) -> torch.Tensor:
     return (centered * inv_std).view_as(w)
 
 
-class WSConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardized (zero mean, unit variance per output channel)."""
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that also runs stacked clients: weight [M, O, I, kh, kw], input [b, M*I, H, W]."""
+
+    def kernel(self) -> torch.Tensor:
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = standardize_weight(self.weight)
+        w = self.kernel()
         if w.dim() == 4:
             return F.conv2d(x, w, self.bias, self.stride, self.padding)
         # Stacked: w [M, O, I, kh, kw], x [b, M*I, H, W] -> [b, M*O, H', W'].
@@ -59,6 +67,13 @@ class WSConv2d(nn.Conv2d):
             w = F.pad(w, pad)
         bias = None if self.bias is None else self.bias.flatten()
         return F.conv2d(x, w.flatten(0, 1), bias, self.stride, self.padding, groups=m)
+
+
+class WSConv2d(Conv2d):
+    """Conv2d whose weight is standardized (zero mean, unit variance per output channel)."""
+
+    def kernel(self) -> torch.Tensor:
+        return standardize_weight(self.weight)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -147,6 +162,22 @@ def client_stage_count(cut_layers: int) -> int:
     return {1: 1, 3: 2, 5: 3}[cut_layers]
 
 
+class Bottleneck(nn.Sequential):
+    """The client's last layer in the reference's privacy runs (``C{c}S{s}``): a strided 3x3 conv to c
+    channels (with bias, no norm) + ReLU, so the smashed data shrink from [w, H, W] to [c, H/s, W/s]."""
+
+    def __init__(self, width: int, channels: int, stride: int):
+        super().__init__(Conv2d(width, channels, kernel_size=3, stride=stride, padding=1), nn.ReLU(inplace=False))
+
+
+class Unbottleneck(nn.Sequential):
+    """The server's first layer mirroring ``Bottleneck``: a 3x3 transposed conv back to [w, H, W] + ReLU."""
+
+    def __init__(self, width: int, channels: int, stride: int):
+        convt = nn.ConvTranspose2d(channels, width, kernel_size=3, stride=stride, padding=1, output_padding=stride - 1)
+        super().__init__(convt, nn.ReLU(inplace=False))
+
+
 def feature_dim(width: int) -> int:
     return 8 * width
 
@@ -178,15 +209,34 @@ class ServerModel(nn.Module):
 
 
 def build_split_model(
-    width: int, cut_layers: int, proj_hidden_dim: int = 1024, proj_dim: int = 1024, gn_channels_per_group: int = 4
+    width: int,
+    cut_layers: int,
+    proj_hidden_dim: int = 1024,
+    proj_dim: int = 1024,
+    gn_channels_per_group: int = 4,
+    bottleneck: str = "none",
 ) -> tuple[nn.Sequential, ServerModel]:
-    """Fresh (client model, server model) pair; ``server(client(x))`` is the full network."""
+    """Fresh (client model, server model) pair; ``server(client(x))`` is the full network.
+
+    ``bottleneck`` ``C{c}S{s}`` appends ``Bottleneck`` to the client and prepends ``Unbottleneck`` to the
+    server's backbone (the smashed data at every cut are [width, H, W] before it).
+    """
     stages = resnet18_stages(width, gn_channels_per_group)
     k = client_stage_count(cut_layers)
-    client = nn.Sequential(*stages[:k])
-    backbone = nn.Sequential(*stages[k:])
+    client_layers, server_layers = stages[:k], stages[k:]
+    squeeze = parse_bottleneck(bottleneck)
+    if squeeze is not None:
+        client_layers = [*client_layers, Bottleneck(width, *squeeze)]
+        server_layers = [Unbottleneck(width, *squeeze), *server_layers]
     head = ProjectionHead(feature_dim(width), proj_hidden_dim, proj_dim)
-    return client, ServerModel(backbone, head)
+    return nn.Sequential(*client_layers), ServerModel(nn.Sequential(*server_layers), head)
+
+
+def split_model(m: ModelConfig) -> tuple[nn.Sequential, ServerModel]:
+    """``build_split_model`` of a config's ``model`` section."""
+    return build_split_model(
+        m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group, m.bottleneck
+    )
 
 
 class Encoder(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mocosfl.models.resnet import GroupNorm, WSConv2d
+from mocosfl.models.resnet import Conv2d, GroupNorm
 
 Params = dict[str, torch.Tensor]
 
@@ -41,7 +41,7 @@ def stack(params: Params, m: int) -> Params:
 
 # Layers that run stacked weights on folded input; parameter-free modules (ReLU, Sequential, the
 # residual blocks) only route tensors and need nothing.
-STACKABLE = (WSConv2d, GroupNorm)
+STACKABLE = (Conv2d, GroupNorm)  # WSConv2d is a Conv2d
 
 
 def check_stackable(module: nn.Module) -> None:
@@ -50,7 +50,7 @@ def check_stackable(module: nn.Module) -> None:
         if any(True for _ in sub.parameters(recurse=False)) and not isinstance(sub, STACKABLE):
             raise ValueError(
                 f"client layer {name or 'module'!r} ({type(sub).__name__}) cannot run stacked "
-                "clients: build the client model from mocosfl.models.resnet's WSConv2d and GroupNorm"
+                "clients: build the client model from mocosfl.models.resnet's Conv2d/WSConv2d and GroupNorm"
             )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mocosfl.models.resnet import Encoder, build_split_model, count_params
+from mocosfl.models.resnet import Encoder, count_params, split_model
 from mocosfl.precision import autocast
 from mocosfl.seeding import Stream, torch_generator
 from mocosfl.sfl import clients as C
@@ -68,11 +68,11 @@ class MocoSFLTrainer(RoundLoop):
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         m = cfg.model
-        self.client_module, self.server = build_split_model(
-            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
-        )
+        self.client_module, self.server = split_model(m)
         self.client_module.to(self.device)
         C.check_stackable(self.client_module)
+        # TAResSFL phase 2 with frozen clients: they keep the expert's weights (no backward, no gradient sent).
+        self.frozen_clients = cfg.taressfl.enabled and cfg.taressfl.freeze_clients
         self.setup_clients()
         self.setup_server()
 
@@ -80,9 +80,7 @@ class MocoSFLTrainer(RoundLoop):
         """The server's half: its model and EMA target, optimizer and key queue."""
         cfg, m = self.cfg, self.cfg.model
         self.server.to(self.device)
-        self.server_target = build_split_model(
-            m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group
-        )[1].to(self.device)
+        self.server_target = split_model(m)[1].to(self.device)
         self.server_target.load_state_dict(self.server.state_dict())
         self.server_target.requires_grad_(False)
         # Compiled wrappers share parameters with the eager modules, so EMA, checkpoints and kNN
@@ -97,18 +95,20 @@ class MocoSFLTrainer(RoundLoop):
         )
         self.setup_queue()
 
-    def setup_clients(self) -> None:
-        """The clients' half: the global client model and target, and the O(N) per-client state banks."""
+    def setup_clients(self, target: C.Params | None = None) -> None:
+        """The clients' half: the global client model (``client_module``'s weights) and target (``target``,
+        default a copy of the model), and the O(N) per-client state banks."""
         cfg, n = self.cfg, self.plan.num_clients
         self.global_params = C.module_params(self.client_module)
-        self.global_target = {k: v.clone() for k, v in self.global_params.items()}
+        source = self.global_params if target is None else target
+        self.global_target = {k: v.detach().clone().to(self.device) for k, v in source.items()}
         bank = {
             "storage_dtype": getattr(torch, cfg.sfl.client_state_dtype),
             "file_dir": Path(cfg.pretrain.runs_dir) if cfg.sfl.client_state_storage == "file" else None,
         }
         self.momentum_bank = C.ClientStateBank(self.global_params, n, **bank) if cfg.sfl.stateful_clients else None
         self.target_bank = (
-            None if cfg.sfl.sync_targets else C.ClientStateBank(self.global_params, n, fill="copy", **bank)
+            None if cfg.sfl.sync_targets else C.ClientStateBank(self.global_target, n, fill="copy", **bank)
         )
 
     def setup_queue(self) -> None:
@@ -162,7 +162,7 @@ class MocoSFLTrainer(RoundLoop):
         Both compute in the run's precision, but the wire carries fp32 either way, so bytes sent do not
         depend on it. Shape: views [M_local, b, 3, S, S] -> each [M_local, b, C', H', W'] fp32.
         """
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), torch.set_grad_enabled(not self.frozen_clients):
             h_q = C.batched_forward(self.client_module, self.p, view1)
             with torch.no_grad():
                 h_k = C.batched_forward(self.client_module, self.t, view2)
@@ -206,13 +206,17 @@ class MocoSFLTrainer(RoundLoop):
             self.queue.enqueue(self.round_ids.to(self.device), per_client)  # [M, terms*b, D]
         # The server returns each client its slice of dloss/dh_q.
         grad = smashed_q.grad.view_as(h_q)  # type: ignore[union-attr]
-        self.bytes_down += grad.numel() * grad.element_size()
+        if not self.frozen_clients:  # frozen clients need no gradient
+            self.bytes_down += grad.numel() * grad.element_size()
         return loss.item(), grad
 
     def client_backward(self, h_q: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         """The local participants back-propagate the server's gradient, step SGD and their EMA targets.
         Shape: h_q, grad [M_local, b, C', H', W']."""
         cfg = self.cfg
+        if self.frozen_clients:  # the targets still move towards the (fixed) online models
+            C.ema_update(self.t, self.p, cfg.moco.ema)
+            return
         names = list(self.p)
         grads = torch.autograd.grad(h_q, [self.p[k] for k in names], grad)
         C.sgd_step(
@@ -220,12 +224,22 @@ class MocoSFLTrainer(RoundLoop):
         )
         C.ema_update(self.t, self.p, cfg.moco.ema)
 
+    def load_expert(self, expert: dict[str, Any]) -> None:
+        """TAResSFL phase 2's start (before step 0): every client from the expert's client and its EMA target,
+        the server and its target from the expert's (``mocosfl.privacy.taressfl``)."""
+        if self.step:
+            raise RuntimeError("load_expert: the run has already started")
+        self.client_module.load_state_dict(expert["client"])
+        self.setup_clients(target=expert["client_target"])
+        self.server.load_state_dict(expert["server"])
+        self.server_target.load_state_dict(expert["server_target"])
+
     # ------------------------------------------------------------------ evaluation
 
     def global_client(self, params: C.Params) -> nn.Module:
         """A client model holding ``params`` (the synced global model), in eval mode."""
         m = self.cfg.model
-        client, _ = build_split_model(m.width, m.cut_layers, m.proj_hidden_dim, m.proj_dim, m.gn_channels_per_group)
+        client, _ = split_model(m)
         client.load_state_dict({k: v.detach().clone() for k, v in params.items()})
         return client.to(self.device).eval()
 
