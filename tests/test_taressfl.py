@@ -21,8 +21,10 @@ from mocosfl.experiments import rows
 from mocosfl.experiments.suites import SUITES
 from mocosfl.models.resnet import build_split_model, count_params
 from mocosfl.privacy.metrics import ssim
-from mocosfl.privacy.taressfl import ExpertTrainer, collapse_reason, epoch_batch
+from mocosfl.privacy.taressfl import ExpertTrainer, collapse_reason
+from mocosfl.seeding import Stream, rng
 from mocosfl.sfl import clients as C
+from mocosfl.sfl.loop import epoch_batch
 from mocosfl.sfl.trainer import MocoSFLTrainer
 from pipelines import privacy_table, results
 
@@ -198,9 +200,15 @@ def test_frozen_clients_receive_no_gradient_bytes() -> None:
 
 def test_epoch_batches_cover_each_pass_once() -> None:
     pool = np.arange(10, 20)
-    seen = np.concatenate([epoch_batch(pool, s, 5, 0, 0) for s in range(2)])
+
+    def draw(source: int):
+        return lambda e: rng(0, Stream.EXPERT_EPOCH, source, e)
+
+    seen = np.concatenate([epoch_batch(pool, s, 5, draw(0)) for s in range(2)])
     assert sorted(seen) == list(range(10, 20))  # steps 0-1 are one pass
-    assert not np.array_equal(epoch_batch(pool, 0, 5, 0, 0), epoch_batch(pool, 0, 5, 0, 1))  # sources differ
+    assert not np.array_equal(epoch_batch(pool, 0, 5, draw(0)), epoch_batch(pool, 0, 5, draw(1)))  # sources differ
+    straddle = epoch_batch(pool, 1, 7, draw(0))  # entries 7-9 of pass 0, then 0-3 of pass 1
+    assert len(set(straddle[:3])) == 3 and len(set(straddle[3:])) == 4
 
 
 def test_collapse_reason() -> None:

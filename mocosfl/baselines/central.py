@@ -18,7 +18,7 @@ from mocosfl.data.augment import MocoV2Augment
 from mocosfl.models.resnet import Encoder, ServerModel, count_params, split_model
 from mocosfl.precision import resolve_precision
 from mocosfl.seeding import Stream, rng, torch_generator
-from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr, maybe_compile
+from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr, epoch_batch, maybe_compile
 from mocosfl.sfl.server import KeyQueue, ema_update_module, moco_backward
 
 
@@ -103,13 +103,8 @@ class CentralTrainer(TrainLoop):
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Training-image indices of one step.  Shape: [B] (a batch may straddle two epochs)."""
-        n, batch = len(self.pool), self.plan.batch_size
-        epoch, within = np.divmod(step * batch + np.arange(batch), n)
-        out = np.empty(batch, dtype=np.int64)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self.pool[rng(self.cfg.seed, Stream.CENTRAL_EPOCH, int(e)).permutation(n)[within[sel]]]
-        return out
+        seed = self.cfg.seed
+        return epoch_batch(self.pool, step, self.plan.batch_size, lambda e: rng(seed, Stream.CENTRAL_EPOCH, e))
 
     def advance(self) -> float:
         t0 = time.perf_counter()

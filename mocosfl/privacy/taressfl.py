@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from mocosfl.precision import autocast
 from mocosfl.privacy.decoder import InversionDecoder
 from mocosfl.privacy.metrics import ssim
 from mocosfl.seeding import Stream, rng, torch_generator
-from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr
+from mocosfl.sfl.loop import TrainLoop, check_finite, cosine_lr, epoch_batch
 from mocosfl.sfl.server import KeyQueue, ema_update_module, moco_backward
 
 EXPERT_FORMAT = "mocosfl-taressfl-expert-v1"
@@ -58,18 +59,6 @@ def collapse_reason(
     if loss is not None and abs(loss - flat) <= 0.01 * flat:
         return f"loss {loss:.2f} is at {'2' if symmetric else '1'} ln(K+1) = {flat:.2f}"
     return None
-
-
-def epoch_batch(pool: np.ndarray, step: int, batch: int, seed: int, source: int) -> np.ndarray:
-    """Step ``step``'s ``batch`` entries of ``pool``: consecutive slices of a fresh seeded permutation per
-    pass (``Stream.EXPERT_EPOCH``), a batch straddling two passes taking from both.  Shape: [batch]."""
-    n = len(pool)
-    epoch, within = np.divmod(step * batch + np.arange(batch), n)
-    out = np.empty(batch, dtype=pool.dtype)
-    for e in np.unique(epoch):
-        sel = epoch == e
-        out[sel] = pool[rng(seed, Stream.EXPERT_EPOCH, source, int(e)).permutation(n)[within[sel]]]
-    return out
 
 
 class ExpertTrainer(TrainLoop):
@@ -117,10 +106,12 @@ class ExpertTrainer(TrainLoop):
 
     def step_images(self) -> np.ndarray:
         """This step's image indices: ``taressfl.batch_size`` from each source (auxiliary, then target)."""
-        b = self.plan.client_batch_size
-        return np.concatenate(
-            [epoch_batch(shard, self.step, b, self.cfg.seed, i) for i, shard in enumerate(self.shards)]
-        )
+        b, seed = self.plan.client_batch_size, self.cfg.seed
+
+        def passes(source: int) -> Callable[[int], np.random.Generator]:
+            return lambda e: rng(seed, Stream.EXPERT_EPOCH, source, e)
+
+        return np.concatenate([epoch_batch(shard, self.step, b, passes(i)) for i, shard in enumerate(self.shards)])
 
     def advance(self) -> float:
         t0 = time.perf_counter()

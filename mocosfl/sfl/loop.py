@@ -168,6 +168,18 @@ def step_samples(order: tuple[np.ndarray, ...], t_in_round: int, b: int) -> np.n
     return flat[offsets[:, None] + pos].reshape(-1)
 
 
+def epoch_batch(pool: np.ndarray, step: int, batch: int, epoch_rng: Callable[[int], np.random.Generator]) -> np.ndarray:
+    """Step ``step``'s ``batch`` entries of ``pool``: consecutive slices of a fresh permutation per pass over it
+    (``epoch_rng(pass)`` draws it), a batch straddling two passes taking from both.  Shape: [batch]."""
+    n = len(pool)
+    epoch, within = np.divmod(step * batch + np.arange(batch), n)
+    out = np.empty(batch, dtype=pool.dtype)
+    for e in np.unique(epoch):
+        sel = epoch == e
+        out[sel] = pool[epoch_rng(int(e)).permutation(n)[within[sel]]]
+    return out
+
+
 class TrainLoop:
     """The step loop every method shares: history rows, kNN monitor, checkpoint calls, the counters.
 
