@@ -227,7 +227,13 @@ class TuneConfig:
     pruner: Literal["median", "hyperband", "threshold", "none"] = "median"
     threshold_knn: float = 0.0  # threshold pruner: prune a trial whose kNN top-1 is below this
     study_name: str = "mocosfl"
+    # A path (SQLite file) or a database URL (postgresql://user:pass@host:port/db, sqlite:///abs/path.db) that
+    # several `mocosfl tune` processes, on one host or many, share.
     storage: str = "optuna.db"
+    # Each running trial beats this often; one silent for 2 beats (its process killed) is marked failed by the next
+    # trial to start and run again, up to max_retries times.
+    heartbeat_s: int = 60
+    max_retries: int = 2
     out_dir: str = "tune"
 
 
@@ -437,6 +443,7 @@ def validate(cfg: Config) -> Config:
         "tune.sync_period_max",
         "tune.queue_size_min",
         "tune.queue_size_max",
+        "tune.heartbeat_s",
     ]:
         _positive(key, get_dotted(cfg, key))
     for key in ["attack.seeds", "attack.victims", "attack.decoder_width", "attack.epochs"]:
@@ -451,6 +458,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"attack.lr={cfg.attack.lr!r} is invalid: must be > 0")
     _validate_taressfl(cfg.taressfl)
     _positive("bench.warmup", cfg.bench.warmup, 0)
+    _positive("tune.max_retries", cfg.tune.max_retries, 0)
     _positive("distributed.client_hosts", cfg.distributed.client_hosts, 0)
     if cfg.taressfl.enabled and cfg.distributed.client_hosts:
         raise ConfigError("taressfl.enabled=true is not supported with distributed.client_hosts > 0 (in process only)")
@@ -604,7 +612,7 @@ def load_config(
     root = path.resolve().parent
     for key in PATH_FIELDS:
         value = get_dotted(raw, key)
-        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute():
             _set_dotted(raw, key, _resolve_relative(root, value, shared=key in SHARED_STORES))
     return from_dict(raw)
 

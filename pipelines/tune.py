@@ -4,8 +4,11 @@ The score is the pretrain kNN monitor's: training images as memory bank, the val
 (``data.val_size``, carved from the training set) as queries. No test image is read, so the chosen
 settings are not fitted to the test set that ``mocosfl evaluate`` reports on.
 
-The study lives in SQLite (``tune.storage``) so it can be resumed, extended (raise ``tune.n_trials`` and run
-again) or shared by several ``mocosfl tune`` processes. Results: ``<metrics_dir>/tune.json``, plots in
+The study lives in a database (``tune.storage``: a SQLite file by default, or a PostgreSQL URL shared by hosts)
+so it can be resumed, extended (raise ``tune.n_trials`` and run again) or shared by several ``mocosfl tune``
+processes. Running trials beat every ``tune.heartbeat_s``; a trial whose process died is marked failed by the
+next trial to start, its MLflow runs are ended, and it is run again (``tune.max_retries``).
+Results: ``<metrics_dir>/tune.json``, plots in
 ``tune.out_dir`` and ``<tune.out_dir>/best_params.json``, whose ``"overrides"`` list is what
 ``mocosfl pretrain --set …`` and the Prefect flow's ``overrides`` parameter take, e.g.
 ``mocosfl pretrain $(jq -r '.overrides[] | "--set " + .' tune/best_params.json)``.
@@ -33,7 +36,51 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def storage_url(cfg: Config) -> str:
-    return f"sqlite:///{Path(cfg.tune.storage).resolve()}"
+    """``tune.storage`` as a database URL: a URL as given, a path as a SQLite file."""
+    store = cfg.tune.storage
+    return store if "://" in store else f"sqlite:///{Path(store).resolve()}"
+
+
+def shown_url(url: str) -> str:
+    """A storage URL fit for logs and result files: any password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        # Several processes share the file: wait for SQLite's lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    # A server that went away fails a call within seconds instead of hanging; dead pooled connections are
+    # replaced before use.
+    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+
+
+def _close_mlflow_runs(cfg: Config, trial: FrozenTrial) -> None:
+    """End the MLflow runs a dead worker left RUNNING: its trial's run and the study run of its process."""
+    if not tracking.enabled(cfg):
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key in ("mlflow_run_id", "mlflow_parent_run_id"):
+        run_id = trial.user_attrs.get(key)
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED")
+
+
+def _on_stale_trial(cfg: Config) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's callback for a trial whose worker stopped beating: close its MLflow runs, enqueue a retry."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.tune.max_retries)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        _close_mlflow_runs(cfg, trial)
+        retry(study, trial)
+
+    return callback
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
@@ -48,11 +95,19 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 
 
 def load_study(cfg: Config) -> optuna.Study:
-    """Create the study (or load it) in its SQLite store."""
-    path = Path(cfg.tune.storage).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes share the file: wait for SQLite's lock instead of failing at once.
-    storage = optuna.storages.RDBStorage(storage_url(cfg), engine_kwargs={"connect_args": {"timeout": 60}})
+    """Create the study (or load it) in its store (``tune.storage``), with heartbeats for its running trials."""
+    url, t = storage_url(cfg), cfg.tune
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, since Optuna 2.x
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=t.heartbeat_s,
+            grace_period=2 * t.heartbeat_s,
+            heartbeat_stale_trial_callback=_on_stale_trial(cfg),
+        )
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
         storage=storage,
@@ -62,7 +117,8 @@ def load_study(cfg: Config) -> optuna.Study:
     )
     # Seeded per invocation with the trials already stored, so extending a study samples new points
     # instead of replaying the first process's random start-up sequence.
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+    # constant_liar: a running trial counts as a poor result, so parallel workers do not all sample one point.
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), constant_liar=True)
     return study
 
 
@@ -130,12 +186,17 @@ def make_objective(cfg: Config) -> Callable[[optuna.Trial], float]:
 
         n = trial.number
         pruned: optuna.TrialPruned | None = None
+        parent = mlflow.active_run()
         with tracking.mlflow_run(
             trial_cfg,
             f"trial-{n}",
             nested=True,
             tags={"stage": "tune-trial", "trial": str(n), "study_name": cfg.tune.study_name},
         ) as run:
+            # Whoever finds this trial's worker dead ends these runs (_close_mlflow_runs).
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            if parent is not None:
+                trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
             mlflow.log_params(
                 {
                     "sync_period": trial.params["sync_period"],
@@ -230,7 +291,7 @@ def summarize(cfg: Config, study: optuna.Study) -> dict[str, Any]:
     best = max(complete, key=lambda t: float(t.value or 0.0)) if complete else None
     return {
         "study_name": cfg.tune.study_name,
-        "storage": storage_url(cfg),
+        "storage": shown_url(storage_url(cfg)),
         "n_trials": sum(1 for t in trials if t.state in FINISHED),
         "n_complete": len(complete),
         "n_pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
@@ -266,7 +327,7 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
         target = cfg.tune.n_trials
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
         log(
-            f"study {cfg.tune.study_name} at {storage_url(cfg)}: {done}/{target} trials finished, "
+            f"study {cfg.tune.study_name} at {shown_url(storage_url(cfg))}: {done}/{target} trials finished, "
             f"pruner {cfg.tune.pruner}"
         )
         track = tracking.enabled(cfg)

@@ -1,0 +1,123 @@
+"""Scale-out against a real PostgreSQL server (a throw-away cluster per module): an Optuna study shared through
+it, and a worker killed with SIGKILL mid-trial whose trial is marked failed, run again, and whose MLflow runs
+are ended by the worker that carries on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.services import Postgres, ServiceError, free_port
+from tests.conftest import ROOT, cli_args
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL cluster in a temp folder on a free port, stopped and deleted at the end."""
+    root = Path(tempfile.mkdtemp(prefix="mocosfl-pg-"))
+    root.chmod(0o755)  # the server runs as 'postgres' when the tests run as root
+    pg = Postgres(root / "pg", port=free_port())
+    try:
+        pg.start()
+    except ServiceError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"no PostgreSQL server here: {e}")
+    yield pg
+    pg.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _sets(prepared: list[str], tmp: Path, url: str, *extra: str) -> list[str]:
+    return [
+        *prepared,
+        f"tune.storage={url}",
+        f"tune.out_dir={tmp}/tune",
+        f"metrics_dir={tmp}/metrics",
+        "pretrain.num_threads=1",
+        *extra,
+    ]
+
+
+def _states(url: str) -> list[str]:
+    import optuna
+
+    study = optuna.load_study(study_name="mocosfl", storage=url)
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+def test_study_lives_in_postgresql(prepared, postgres, tmp_path, monkeypatch, one_thread):
+    from mocosfl.cli import main
+
+    postgres.create_database("shared_study")
+    url = postgres.url("shared_study")
+    monkeypatch.setenv("MOCOSFL_TRACKING", "0")
+    assert main(cli_args("tune", _sets(prepared, tmp_path, url, "tune.n_trials=3"))) == 0
+    result = json.loads((tmp_path / "metrics" / "tune.json").read_text())
+    assert result["n_trials"] == 3 and postgres.password() not in json.dumps(result)  # the URL is shown redacted
+    assert result["storage"].startswith("postgresql://mocosfl:***@")
+    states = _states(url)
+    assert len(states) == 3 and set(states) <= {"COMPLETE", "PRUNED"}
+
+
+def test_killed_worker_trial_is_failed_rerun_and_its_runs_ended(prepared, postgres, tmp_path, monkeypatch):
+    import mlflow
+    import optuna
+
+    postgres.create_database("killed_worker")
+    url = postgres.url("killed_worker")
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = _sets(prepared, tmp_path, url, "tune.n_trials=3", "tune.heartbeat_s=1", "tune.steps=60")
+    env = {**os.environ, "MOCOSFL_TRACKING": "1", "MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "mocosfl", *cli_args("tune", sets)]
+    worker = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # kill it once its first trial runs and has opened its MLflow run
+            assert worker.poll() is None, "the worker ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial started within 120 s"
+            try:
+                study = optuna.load_study(study_name="mocosfl", storage=url)
+                running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+            except KeyError:  # the study is not created yet
+                running = []
+            if running and "mlflow_run_id" in running[0].user_attrs:
+                break
+            time.sleep(0.3)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    killed = running[0]
+    time.sleep(3)  # beyond the grace period of 2 heartbeats
+
+    from mocosfl.cli import main
+
+    monkeypatch.setenv("MOCOSFL_TRACKING", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    assert main(cli_args("tune", sets)) == 0
+    study = optuna.load_study(study_name="mocosfl", storage=url)
+    trials = study.get_trials(deepcopy=False)
+    assert study.trials[killed.number].state.name == "FAIL"
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    retries = [t for t in trials if retried(t) == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params  # the same point, run again
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    dead = mlflow.MlflowClient().get_run(killed.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED"
