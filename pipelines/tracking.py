@@ -117,7 +117,8 @@ class MlflowTracker:
             mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_encoder(self, run_dir: Path, image_size: int) -> None:
-        """The encoder as an MLflow model (offline: explicit requirements and an input example)."""
+        """The encoder as an MLflow model (offline: explicit requirements and an input example), exported with
+        torch.export (pt2: no mocosfl code needed to load it) for any batch size."""
         import mlflow.pytorch
         import numpy as np
         import torch
@@ -127,7 +128,9 @@ class MlflowTracker:
         if mlflow.active_run() is None:
             return
         enc = load_encoder(run_dir)
-        example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
+        # Two images: torch.export specialises a dimension of size 1 to a constant, and the exported encoder
+        # would then refuse any other batch size.
+        example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
         mlflow.pytorch.log_model(
             enc,
             name="encoder",

@@ -121,3 +121,33 @@ def test_killed_worker_trial_is_failed_rerun_and_its_runs_ended(prepared, postgr
     assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     dead = mlflow.MlflowClient().get_run(killed.user_attrs["mlflow_run_id"])
     assert dead.info.status == "FAILED"
+
+
+def test_logged_encoder_embeds_any_batch_size(prepared, tmp_path, monkeypatch, one_thread):
+    """The encoder MLflow logs loads with mlflow.pytorch.load_model (no mocosfl code) and embeds 1 or 8 images."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from mocosfl import workflow
+    from mocosfl.cli import main
+    from mocosfl.config import load_config
+    from pipelines.tracking import MlflowTracker
+
+    assert main(cli_args("pretrain", prepared)) == 0
+    cfg = load_config(ROOT / "params.yaml", "test", prepared)
+    run_dir = workflow.finished_run(cfg)
+    assert run_dir is not None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    tracker = MlflowTracker(cfg)
+    with tracker.run("encoder"):
+        tracker.log_encoder(run_dir, cfg.data.image_size)
+    logged = mlflow.last_logged_model()
+    assert logged is not None
+    model = mlflow.pytorch.load_model(logged.model_uri)
+    reference = workflow.load_encoder(run_dir)
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 32, 32)
+        out = model(x)
+        assert tuple(out.shape) == (batch, 8 * cfg.model.width)
+        torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
