@@ -8,7 +8,7 @@ PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
 MOCOSFL := $(VENV)/bin/mocosfl
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean gpu-check
+.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean gpu-check services services-stop
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ lint: setup  ## ruff check + ruff format --check (mocosfl pipelines tests script
 
 pipeline: setup  ## the Prefect flow prepare -> partition -> pretrain -> evaluate -> report (PROFILE=smoke: ~2 min)
 	$(PY) -m pipelines.run $(PROFILE_ARG) $(foreach o,$(OVERRIDES),--set $(o))
+
+services: setup  ## PostgreSQL + MLflow (5000) + Prefect (4200) servers in the background (SERVICES_HOST, *_PORT)
+	$(PY) -m pipelines.services start
+
+services-stop: setup  ## stop what `make services` started
+	$(PY) -m pipelines.services stop
 
 serve: setup  ## Prefect server on 127.0.0.1:4200 + deployments mocosfl/{pretrain,pipeline,tune} (foreground)
 	VENV=$(VENV) bash scripts/serve.sh

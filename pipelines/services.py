@@ -15,9 +15,11 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 USER = "mocosfl"
 
@@ -161,3 +163,201 @@ class Postgres:
         with psycopg.connect(self.url("postgres"), connect_timeout=10, autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+# ----------------------------------------------------------------------------- make services
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Settings:
+    """Where the shared services live and listen (``make services`` reads them from the environment)."""
+
+    root: Path = ROOT / ".services"
+    host: str = "127.0.0.1"
+    pg_port: int = 5432
+    mlflow_port: int = 5000
+    prefect_port: int = 4200
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        try:
+            return cls(
+                root=Path(env.get("SERVICES_DIR", str(ROOT / ".services"))).resolve(),
+                host=env.get("SERVICES_HOST", "127.0.0.1"),
+                pg_port=int(env.get("PG_PORT", "5432")),
+                mlflow_port=int(env.get("MLFLOW_PORT", "5000")),
+                prefect_port=int(env.get("PREFECT_PORT", "4200")),
+            )
+        except ValueError as e:
+            raise ServiceError(f"a port setting is not a number: {e}") from None
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    def postgres(self) -> Postgres:
+        return Postgres(self.root / "postgres", self.pg_port, self.host)
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(200 <= response.status < 300)
+    except OSError:
+        return False
+
+
+def _pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], root: Path) -> None:
+    """Start ``argv`` in its own session (so ``stop`` ends it and its children), logging to ``root/name.log``."""
+    with open(root / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    (root / f"{name}.pid").write_text(str(proc.pid))
+
+
+def _wait(url: str, name: str, root: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not http_ok(url):
+        if _pid_alive(root / f"{name}.pid") is None:
+            raise ServiceError(f"{name} exited while starting (see {root / f'{name}.log'})")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{name} not healthy at {url} within {timeout:.0f} s (see {root / f'{name}.log'})")
+        time.sleep(0.5)
+
+
+def _bin(name: str) -> str:
+    """A program of this virtualenv (mlflow, prefect), next to the running Python."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def start(s: Settings, log: Any = print, timeout: float = 120) -> dict[str, str]:
+    """PostgreSQL, then an MLflow tracking server (proxied artifact store) and a Prefect server backed by it;
+    waits until each is healthy. Services already running are left as they are. Returns the env to export."""
+    t0 = time.monotonic()
+    s.root.mkdir(parents=True, exist_ok=True)
+    pg = s.postgres()
+    was_up = pg.running()
+    pg.start()
+    log(f"PostgreSQL {'already running' if was_up else 'started'} on {s.host}:{s.pg_port} ({pg.data_dir})")
+    for db in ("mlflow", "prefect"):
+        pg.create_database(db)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    services = {
+        "mlflow": (
+            f"{s.mlflow_url}/health",
+            [
+                _bin("mlflow"),
+                "server",
+                "--host",
+                s.host,
+                "--port",
+                str(s.mlflow_port),
+                "--workers",
+                "1",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(s.root / "mlflow-artifacts"),
+            ],
+            # The URL holds the password: in the environment, not on a command line others can read in ps.
+            {
+                "MLFLOW_BACKEND_STORE_URI": pg.url("mlflow", "postgresql+psycopg"),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
+        ),
+        "prefect": (
+            f"{s.prefect_api}/health",
+            [_bin("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port)],
+            {
+                "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "postgresql+asyncpg"),
+                "PREFECT_HOME": str(ROOT / ".prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            },
+        ),
+    }
+    for name, (health, argv, env) in services.items():
+        if http_ok(health):
+            log(f"{name} already running: {health.removesuffix('/health')}")
+            continue
+        if port_open(s.host, int(argv[argv.index("--port") + 1])):
+            raise ServiceError(f"{name}'s port on {s.host} is taken by another program: set its port setting")
+        _spawn(name, argv, {**base, **env}, s.root)
+    for name, (health, _, _) in services.items():
+        _wait(health, name, s.root, timeout)
+    exports = {"MLFLOW_TRACKING_URI": s.mlflow_url, "PREFECT_API_URL": s.prefect_api}
+    (s.root / "env").write_text("".join(f"export {k}={v}\n" for k, v in exports.items()))
+    log(f"services healthy in {time.monotonic() - t0:.1f} s: MLflow {s.mlflow_url}, Prefect {s.prefect_api}")
+    log(f"export them (or: source {s.root / 'env'}):")
+    for k, v in exports.items():
+        log(f"  export {k}={v}")
+    return exports
+
+
+def stop(s: Settings, log: Any = print, timeout: float = 30) -> None:
+    """Stop the MLflow and Prefect servers this project started, then PostgreSQL."""
+    import signal
+
+    for name in ("prefect", "mlflow"):
+        pidfile = s.root / f"{name}.pid"
+        pid = _pid_alive(pidfile)
+        if pid is None:
+            log(f"{name}: not running")
+            pidfile.unlink(missing_ok=True)
+            continue
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pidfile) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pidfile) is not None:
+            os.killpg(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        log(f"{name}: stopped")
+    pg = s.postgres()
+    if (pg.data_dir / "postmaster.pid").exists():
+        pg.stop()
+        log("PostgreSQL: stopped")
+    else:
+        log("PostgreSQL: not running")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.services",
+        description="PostgreSQL + MLflow + Prefect servers for several workers or hosts (`make services`). "
+        "Settings from the environment: SERVICES_HOST, SERVICES_DIR, PG_PORT, MLFLOW_PORT, PREFECT_PORT.",
+    )
+    parser.add_argument("action", choices=["start", "stop"])
+    args = parser.parse_args(argv)
+    try:
+        s = Settings.from_env()
+        if args.action == "start":
+            start(s)
+        else:
+            stop(s)
+    except (ServiceError, subprocess.TimeoutExpired) as e:
+        print(f"services: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,12 +40,15 @@ def git_commit(root: Path) -> str:
 
 
 def _setup(cfg: Config) -> str:
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
-        # Artifacts next to the store (absolute), not in whatever folder the first run started from.
-        artifacts = Path(cfg.tracking.db).resolve().parent / "mlruns"
+        # A local store keeps artifacts next to it (absolute), not in whatever folder the first run started
+        # from; a tracking server chooses (``make services``: uploaded through it to its artifact store).
+        remote = uri.startswith(("http://", "https://"))
+        artifacts = None if remote else (Path(cfg.tracking.db).resolve().parent / "mlruns").as_uri()
         try:
-            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
             pass  # another process created it meanwhile
     exp = mlflow.set_experiment(cfg.tracking.experiment)

@@ -151,3 +151,51 @@ def test_logged_encoder_embeds_any_batch_size(prepared, tmp_path, monkeypatch, o
         out = model(x)
         assert tuple(out.shape) == (batch, 8 * cfg.model.width)
         torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_services_start_serve_a_tracked_run_and_stop(prepared, tmp_path):
+    """`make services` (python -m pipelines.services) on free ports: PostgreSQL, MLflow and Prefect healthy; a
+    pretrain logs to the MLflow server, its artifacts land in the server's store; a second start finds them
+    running; stop leaves nothing listening."""
+    import mlflow
+
+    from pipelines.services import Settings, http_ok, port_open
+
+    root = Path(tempfile.mkdtemp(prefix="mocosfl-services-"))
+    root.chmod(0o755)
+    ports = {"PG_PORT": free_port(), "MLFLOW_PORT": free_port(), "PREFECT_PORT": free_port()}
+    env = {**os.environ, "SERVICES_DIR": str(root / "svc"), **{k: str(v) for k, v in ports.items()}}
+    services = [sys.executable, "-m", "pipelines.services"]
+    try:
+        t0 = time.monotonic()
+        first = subprocess.run([*services, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        assert first.returncode == 0, first.stderr
+        started_s = time.monotonic() - t0
+        s = Settings(root / "svc", "127.0.0.1", ports["PG_PORT"], ports["MLFLOW_PORT"], ports["PREFECT_PORT"])
+        assert http_ok(f"{s.mlflow_url}/health") and http_ok(f"{s.prefect_api}/health")
+        assert f"export MLFLOW_TRACKING_URI={s.mlflow_url}" in first.stdout, first.stdout
+        again = subprocess.run([*services, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "mlflow already running" in again.stdout
+
+        tracked = {**env, "MOCOSFL_TRACKING": "1", "MLFLOW_TRACKING_URI": s.mlflow_url, "OMP_NUM_THREADS": "1"}
+        sets = [*prepared, f"pretrain.runs_dir={tmp_path}/runs", f"metrics_dir={tmp_path}/metrics"]
+        run = subprocess.run(
+            [sys.executable, "-m", "mocosfl", *cli_args("pretrain", sets)],
+            cwd=ROOT,
+            env=tracked,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        mlflow.set_tracking_uri(s.mlflow_url)
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded through the server
+        assert list((root / "svc" / "mlflow-artifacts").rglob("model.pt2"))  # the encoder, in the server's store
+        print(f"services started in {started_s:.1f} s")
+    finally:
+        stopped = subprocess.run([*services, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not any(port_open("127.0.0.1", p) for p in ports.values())
