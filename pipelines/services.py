@@ -257,7 +257,7 @@ def start(s: Settings, log: Any = print, timeout: float = 120) -> dict[str, str]
     was_up = pg.running()
     pg.start()
     log(f"PostgreSQL {'already running' if was_up else 'started'} on {s.host}:{s.pg_port} ({pg.data_dir})")
-    for db in ("mlflow", "prefect"):
+    for db in ("mlflow", "prefect", "optuna"):  # optuna: for tune.storage=postgresql://…/optuna
         pg.create_database(db)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     services = {
