@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mocosfl import __version__
+from mocosfl.tracking import TrackingError
 
 COMMAND_GROUP = "mocosfl.commands"
 EPILOG = "KEY is a dotted path into params.yaml, e.g. --set sfl.sync_period=10 --set model.width=16"
@@ -366,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"mocosfl {command}: error: {first}", file=sys.stderr)
         return 2
+    except TrackingError as e:
+        print(f"mocosfl {command}: tracking failed: {(str(e).strip().splitlines() or ['?'])[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mocosfl {command}: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130

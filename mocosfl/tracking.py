@@ -20,6 +20,11 @@ ENTRY_POINT_GROUP = "mocosfl.trackers"
 EXTRA = "pip install 'mocosfl[pipeline]'  (from a checkout: pip install '.[pipeline]')"
 
 
+class TrackingError(RuntimeError):
+    """The tracker could not record (e.g. its server or database is down). Raised instead of retrying for
+    minutes; training's checkpoints are kept, so running the command again resumes the run."""
+
+
 class Tracker(Protocol):
     """What a stage may report. Calls outside an open ``run`` are ignored by implementations."""
 

@@ -17,7 +17,7 @@ import mlflow
 
 from mocosfl import identity
 from mocosfl.config import Config
-from mocosfl.tracking import flatten
+from mocosfl.tracking import TrackingError, flatten
 
 # History rows carry these per-epoch metrics (see TrainLoop.run).
 ROW_METRICS = ("loss_mean", "lr", "steps_per_s", "bytes_per_client", "knn_top1", "epoch")
@@ -39,8 +39,19 @@ def git_commit(root: Path) -> str:
     return identity.git_commit(root) or "unknown"
 
 
+# A tracking server that stops answering fails a call within ~20 s instead of MLflow's default minutes of
+# retries; a user's own MLFLOW_HTTP_REQUEST_* settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
 def _setup(cfg: Config) -> str:
     uri = tracking_uri(cfg)
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
         # A local store keeps artifacts next to it (absolute), not in whatever folder the first run started
@@ -87,8 +98,25 @@ def run_url(cfg: Config, run_id: str) -> str:
     return f"{cfg.report.mlflow_ui.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
 
 
+@contextmanager
+def _guard(cfg: Config) -> Iterator[None]:
+    """MLflow and connection errors as one ``TrackingError`` line (the caller's checkpoints are kept)."""
+    import requests
+
+    try:
+        yield
+    except (mlflow.exceptions.MlflowException, requests.exceptions.RequestException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrackingError(
+            f"MLflow at {tracking_uri(cfg)} did not record ({first}); checkpoints are kept: "
+            "run the command again to resume once it is back"
+        ) from e
+
+
 class MlflowTracker:
-    """``mocosfl.tracking.Tracker`` on MLflow: one MLflow run per ``run``; nested when one is active."""
+    """``mocosfl.tracking.Tracker`` on MLflow: one MLflow run per ``run``; nested when one is active.
+
+    A tracking server or database that fails raises ``TrackingError`` (one line at the CLI) within seconds."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -102,22 +130,37 @@ class MlflowTracker:
         tags: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
     ) -> Iterator[str | None]:
-        with mlflow_run(self.cfg, name, run_id=resume_id, nested=mlflow.active_run() is not None, tags=tags) as run:
+        nested = mlflow.active_run() is not None
+        with _guard(self.cfg):
+            context = mlflow_run(self.cfg, name, run_id=resume_id, nested=nested, tags=tags)
+            run = context.__enter__()
             if params and resume_id is None:
                 mlflow.log_params({k: str(v) for k, v in params.items()})
+        try:
             yield str(run.info.run_id)
+        except BaseException as e:
+            try:  # end the run as failed; when MLflow itself is what failed, that may fail too
+                context.__exit__(type(e), e, e.__traceback__)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        with _guard(self.cfg):
+            context.__exit__(None, None, None)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if metrics and mlflow.active_run() is not None:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            with _guard(self.cfg):
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if mlflow.active_run() is not None:
-            mlflow.set_tags(tags)
+            with _guard(self.cfg):
+                mlflow.set_tags(tags)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if mlflow.active_run() is not None and Path(path).exists():
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            with _guard(self.cfg):
+                mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_encoder(self, run_dir: Path, image_size: int) -> None:
         """The encoder as an MLflow model (offline: explicit requirements and an input example), exported with
@@ -134,15 +177,17 @@ class MlflowTracker:
         # Two images: torch.export specialises a dimension of size 1 to a constant, and the exported encoder
         # would then refuse any other batch size.
         example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
-        mlflow.pytorch.log_model(
-            enc,
-            name="encoder",
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mocosfl"],
-        )
+        with _guard(self.cfg):
+            mlflow.pytorch.log_model(
+                enc,
+                name="encoder",
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mocosfl"],
+            )
 
     def add_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
-        _setup(self.cfg)
-        client = mlflow.MlflowClient()
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, float(v))
+        with _guard(self.cfg):
+            _setup(self.cfg)
+            client = mlflow.MlflowClient()
+            for k, v in metrics.items():
+                client.log_metric(run_id, k, float(v))

@@ -153,49 +153,100 @@ def test_logged_encoder_embeds_any_batch_size(prepared, tmp_path, monkeypatch, o
         torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
 
 
-def test_services_start_serve_a_tracked_run_and_stop(prepared, tmp_path):
-    """`make services` (python -m pipelines.services) on free ports: PostgreSQL, MLflow and Prefect healthy; a
-    pretrain logs to the MLflow server, its artifacts land in the server's store; a second start finds them
-    running; stop leaves nothing listening."""
-    import mlflow
-
-    from pipelines.services import Settings, http_ok, port_open
+@pytest.fixture(scope="module")
+def services():
+    """`make services` (python -m pipelines.services) on free ports; stopped at the end (asserting nothing is left
+    listening). Yields (settings, the environment that selects them, the first start's output and seconds)."""
+    from pipelines.services import Settings, port_open
 
     root = Path(tempfile.mkdtemp(prefix="mocosfl-services-"))
-    root.chmod(0o755)
+    root.chmod(0o755)  # PostgreSQL runs as 'postgres' when the tests run as root
     ports = {"PG_PORT": free_port(), "MLFLOW_PORT": free_port(), "PREFECT_PORT": free_port()}
     env = {**os.environ, "SERVICES_DIR": str(root / "svc"), **{k: str(v) for k, v in ports.items()}}
-    services = [sys.executable, "-m", "pipelines.services"]
+    command = [sys.executable, "-m", "pipelines.services"]
     try:
         t0 = time.monotonic()
-        first = subprocess.run([*services, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        first = subprocess.run([*command, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         assert first.returncode == 0, first.stderr
-        started_s = time.monotonic() - t0
         s = Settings(root / "svc", "127.0.0.1", ports["PG_PORT"], ports["MLFLOW_PORT"], ports["PREFECT_PORT"])
-        assert http_ok(f"{s.mlflow_url}/health") and http_ok(f"{s.prefect_api}/health")
-        assert f"export MLFLOW_TRACKING_URI={s.mlflow_url}" in first.stdout, first.stdout
-        again = subprocess.run([*services, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert again.returncode == 0 and "mlflow already running" in again.stdout
-
-        tracked = {**env, "MOCOSFL_TRACKING": "1", "MLFLOW_TRACKING_URI": s.mlflow_url, "OMP_NUM_THREADS": "1"}
-        sets = [*prepared, f"pretrain.runs_dir={tmp_path}/runs", f"metrics_dir={tmp_path}/metrics"]
-        run = subprocess.run(
-            [sys.executable, "-m", "mocosfl", *cli_args("pretrain", sets)],
-            cwd=ROOT,
-            env=tracked,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        mlflow.set_tracking_uri(s.mlflow_url)
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        assert [r.info.status for r in runs] == ["FINISHED"]
-        assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded through the server
-        assert list((root / "svc" / "mlflow-artifacts").rglob("model.pt2"))  # the encoder, in the server's store
-        print(f"services started in {started_s:.1f} s")
+        yield s, env, first.stdout, time.monotonic() - t0
     finally:
-        stopped = subprocess.run([*services, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run([*command, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stderr
     assert not any(port_open("127.0.0.1", p) for p in ports.values())
+
+
+def _pretrain(prepared: list[str], tmp: Path, mlflow_url: str, *extra: str, timeout: float = 300) -> subprocess.Popen:
+    env = {**os.environ, "MOCOSFL_TRACKING": "1", "MLFLOW_TRACKING_URI": mlflow_url, "OMP_NUM_THREADS": "1"}
+    sets = [*prepared, f"pretrain.runs_dir={tmp}/runs", f"metrics_dir={tmp}/metrics", *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "mocosfl", *cli_args("pretrain", sets)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_services_serve_a_tracked_run(prepared, services, tmp_path):
+    """Healthy services; a second start finds them running; a pretrain logs to the MLflow server (PostgreSQL
+    behind it) and its artifacts, the encoder included, land in the server's store."""
+    import mlflow
+
+    from pipelines.services import http_ok
+
+    s, env, first, seconds = services
+    assert http_ok(f"{s.mlflow_url}/health") and http_ok(f"{s.prefect_api}/health")
+    assert f"export MLFLOW_TRACKING_URI={s.mlflow_url}" in first, first
+    again = subprocess.run(
+        [sys.executable, "-m", "pipelines.services", "start"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "mlflow already running" in again.stdout
+    out, err = _pretrain(prepared, tmp_path, s.mlflow_url).communicate(timeout=300)
+    assert "error" not in err.lower(), err[-2000:]
+    mlflow.set_tracking_uri(s.mlflow_url)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded through the server
+    assert list((s.root / "mlflow-artifacts").rglob("model.pt2"))  # the encoder, in the server's store
+    print(f"services healthy {seconds:.1f} s after start")
+
+
+def test_postgresql_outage_fails_the_run_in_one_line_and_it_resumes(prepared, services, tmp_path):
+    """PostgreSQL stops under a tracked pretrain: the run stops within 60 s with one line, its checkpoints kept;
+    with the database back, the same command resumes from the last checkpoint and finishes its MLflow run."""
+    import mlflow
+
+    s, _, _, _ = services
+    pg = s.postgres()
+    # A run of 80 steps (kNN rarely) that checkpoints every 5 and logs a history row every 2.
+    extra = ("pretrain.steps=80", "pretrain.knn_every=40", "pretrain.checkpoint_every=5")
+    proc = _pretrain(prepared, tmp_path, s.mlflow_url, *extra)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "runs").glob("*/ckpt-*.pt")):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.2)
+        pg.stop("immediate")
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        failed_after = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pg.start()
+    assert proc.returncode == 1 and failed_after < 60, (proc.returncode, failed_after)
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("mocosfl pretrain: tracking failed: MLflow at") and "run the command again" in last, last
+    again = _pretrain(prepared, tmp_path, s.mlflow_url, *extra)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["resumed_from_step"] >= 5 and result["steps"] == 80
+    mlflow.set_tracking_uri(s.mlflow_url)
+    run = mlflow.MlflowClient().get_run(result["tracking_run_id"])
+    assert run.info.status == "FINISHED"  # the run the outage interrupted, continued
+    print(f"failed {failed_after:.1f} s after PostgreSQL stopped; resumed at step {result['resumed_from_step']}")
