@@ -230,7 +230,7 @@ class TuneConfig:
     # A path (SQLite file) or a database URL (postgresql://user:pass@host:port/db, sqlite:///abs/path.db) that
     # several `mocosfl tune` processes, on one host or many, share.
     storage: str = "optuna.db"
-    # Each running trial beats this often; one silent for 2 beats (its process killed) is marked failed by the next
+    # Each running trial beats this often; one silent for 3 beats (its process killed) is marked failed by the next
     # trial to start and run again, up to max_retries times.
     heartbeat_s: int = 60
     max_retries: int = 2
@@ -655,4 +655,6 @@ def config_hash(cfg: Config, sections: tuple[str, ...], extra: str = "") -> str:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    from mocosfl.tracking import redact
+
+    return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)  # URL passwords as ***

@@ -8,6 +8,7 @@ MLOps edge (``pipelines/tracking.py``) and is found through the ``mocosfl.tracke
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from importlib.metadata import entry_points
@@ -77,14 +78,29 @@ class NullTracker:
         pass
 
 
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the password of any ``scheme://user:password@host`` URL in it replaced by ``***``
+    (recursively through dicts and lists): what configs may show in run params, files and logs."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config as run params)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config as run params), URL passwords redacted."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[f"{prefix}{k}"] = redact(v)
     return out
 
 

@@ -50,7 +50,7 @@ from mocosfl.privacy.decoder import InversionDecoder
 from mocosfl.privacy.taressfl import collapse_reason
 from mocosfl.seeding import Stream, rng
 from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
-from mocosfl.tracking import NullTracker, Tracker, flatten
+from mocosfl.tracking import NullTracker, Tracker, flatten, redact
 
 __all__ = ["load_latest_checkpoint", "save_checkpoint", "write_json"]  # re-exported for older callers
 
@@ -414,10 +414,10 @@ def pretrain(
         result.update(profile=cfg.profile, method=method, val_images=len(ds.val_idx))
         if expert is not None:
             result["taressfl_expert"] = expert["summary"]
-        write_json(done, result)
         write_json(metrics_path(cfg, "pretrain.json"), result)
         write_plot_data(cfg.metrics_dir, trainer.history)  # one CSV per curve, for `dvc plots`
         _report_pretrain(tracker, cfg, result)
+        write_json(done, result)  # last: a tracker that failed above leaves the run to be finished again
 
     return train_run(cfg, trainer, directory, tags, tracker, finish, on_step, on_start)
 
@@ -437,7 +437,7 @@ def train_run(
     run counts as finished from then on) and reports to the tracker."""
     start_step = trainer.step
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "config.json", cfg.to_dict())
+    write_json(directory / "config.json", redact(cfg.to_dict()))
 
     def step_hook(row: dict[str, float]) -> None:
         if "epoch" in row:

@@ -162,7 +162,8 @@ def expert_notes(table: list[dict[str, Any]]) -> list[str]:
             f"- {e['label']}: expert (phase 1) {x.get('steps')} steps on {x.get('aux_images'):,} auxiliary + "
             f"{x.get('target_images'):,} target images, {state} on the validation queries; the simulated "
             f"attacker's SSIM over its last tenth of steps {_f(x.get('simulator_ssim_final'), '.3f')}, above τ on "
-            f"{100 * (x.get('hinge_active_fraction') or 0):.0f} % of steps; {x['seconds'] / 60:.1f} min."
+            f"{round((x.get('hinge_active_fraction') or 0) * (x.get('steps') or 0))} of {x.get('steps')} steps; "
+            f"{x['seconds'] / 60:.1f} min."
         )
     return lines
 

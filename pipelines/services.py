@@ -28,6 +28,13 @@ class ServiceError(RuntimeError):
     """A service could not be set up, started or reached; the message is one line for the user."""
 
 
+def _write_secret(path: Path, text: str) -> None:
+    """``text`` into a new file readable by its owner only from the first byte (no umask window)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
 def pg_bin(name: str) -> str:
     """Path of a PostgreSQL server program (``initdb``, ``pg_ctl``, ``postgres``): PATH, then Debian's folder."""
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
@@ -102,11 +109,11 @@ class Postgres:
                 if not parent.stat().st_mode & 0o001:
                     raise ServiceError(f"{parent} is closed to other users, so 'postgres' cannot reach {self.root}")
         if not self.password_file.exists():
-            self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
-            self.password_file.chmod(0o600)
+            _write_secret(self.password_file, secrets.token_urlsafe(24))
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         pwfile = self.root / ".initdb-password"
-        pwfile.write_text(self.password() + "\n")
+        pwfile.unlink(missing_ok=True)
+        _write_secret(pwfile, self.password())
         if os.geteuid() == 0:
             for path in (self.root, self.data_dir, pwfile):
                 shutil.chown(path, "postgres", "postgres")
@@ -123,13 +130,25 @@ class Postgres:
                 "--auth-local=peer",
                 "-E",
                 "UTF8",
+                "--no-locale",  # no dependence on which locales the machine generated
                 "--no-instructions",
             )
         finally:
             pwfile.unlink(missing_ok=True)
+        # Password logins over TCP from any address the server listens on (listen_addresses = the services'
+        # host: loopback only by default); initdb's own rules cover 127.0.0.1 and ::1 only.
+        with open(self.data_dir / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all {USER} all scram-sha-256\n")
 
     def running(self) -> bool:
-        return (self.data_dir / "postmaster.pid").exists() and port_open(self.host, self.port)
+        return self._server_alive() and port_open(self.host, self.port)
+
+    def _server_alive(self) -> bool:
+        """pg_ctl status: a postmaster.pid left by a crash does not count."""
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        out = subprocess.run(self._as_owner(pg_bin("pg_ctl"), "-D", str(self.data_dir), "status"), capture_output=True)
+        return out.returncode == 0
 
     def start(self, timeout: float = 60) -> None:
         """Start the server (init first if needed) and wait until it accepts connections."""
@@ -151,7 +170,7 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server if it runs (``mode``: smart, fast or immediate)."""
-        if not (self.data_dir / "postmaster.pid").exists():
+        if not self._server_alive():
             return
         self._run(pg_bin("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop")
 
@@ -217,11 +236,15 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def _pid_alive(pidfile: Path) -> int | None:
+    """The pid in ``pidfile`` if that process still leads its own process group (as ``_spawn`` started it), so
+    a recycled pid of some other program is not taken for ours; zombies do not count."""
     try:
         pid = int(pidfile.read_text())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
+        if os.getpgid(pid) != pid:
+            return None
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return None if state == "Z" else pid
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -321,12 +344,15 @@ def stop(s: Settings, log: Any = print, timeout: float = 30) -> None:
             log(f"{name}: not running")
             pidfile.unlink(missing_ok=True)
             continue
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid_alive(pidfile) is not None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _pid_alive(pidfile) is not None:
-            os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pidfile) is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pidfile) is not None:
+                os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended on its own meanwhile
         pidfile.unlink(missing_ok=True)
         log(f"{name}: stopped")
     pg = s.postgres()
@@ -353,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             start(s)
         else:
             stop(s)
-    except (ServiceError, subprocess.TimeoutExpired) as e:
+    except (ServiceError, subprocess.TimeoutExpired, OSError) as e:
         print(f"services: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -134,9 +134,10 @@ class MlflowTracker:
         with _guard(self.cfg):
             context = mlflow_run(self.cfg, name, run_id=resume_id, nested=nested, tags=tags)
             run = context.__enter__()
-            if params and resume_id is None:
-                mlflow.log_params({k: str(v) for k, v in params.items()})
         try:
+            if params and resume_id is None:
+                with _guard(self.cfg):
+                    mlflow.log_params({k: str(v) for k, v in params.items()})
             yield str(run.info.run_id)
         except BaseException as e:
             try:  # end the run as failed; when MLflow itself is what failed, that may fail too

@@ -6,8 +6,8 @@ settings are not fitted to the test set that ``mocosfl evaluate`` reports on.
 
 The study lives in a database (``tune.storage``: a SQLite file by default, or a PostgreSQL URL shared by hosts)
 so it can be resumed, extended (raise ``tune.n_trials`` and run again) or shared by several ``mocosfl tune``
-processes. Running trials beat every ``tune.heartbeat_s``; a trial whose process died is marked failed by the
-next trial to start, its MLflow runs are ended, and it is run again (``tune.max_retries``).
+processes. Running trials beat every ``tune.heartbeat_s``; a trial silent for 3 beats (its process died) is
+marked failed by the next trial to start, its MLflow runs are ended, and it is run again (``tune.max_retries``).
 Results: ``<metrics_dir>/tune.json``, plots in
 ``tune.out_dir`` and ``<tune.out_dir>/best_params.json``, whose ``"overrides"`` list is what
 ``mocosfl pretrain --set …`` and the Prefect flow's ``overrides`` parameter take, e.g.
@@ -16,7 +16,10 @@ Results: ``<metrics_dir>/tune.json``, plots in
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -58,16 +61,20 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def _close_mlflow_runs(cfg: Config, trial: FrozenTrial) -> None:
-    """End the MLflow runs a dead worker left RUNNING: its trial's run and the study run of its process."""
+    """End the MLflow runs a dead worker left RUNNING: its trial's run and the study run of its process.
+    Best effort: a tracker that cannot be reached leaves them, with a warning, and the study goes on."""
     if not tracking.enabled(cfg):
         return
     import mlflow
 
-    client = mlflow.MlflowClient()
-    for key in ("mlflow_run_id", "mlflow_parent_run_id"):
-        run_id = trial.user_attrs.get(key)
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="FAILED")
+    try:
+        client = mlflow.MlflowClient()
+        for key in ("mlflow_run_id", "mlflow_parent_run_id"):
+            run_id = trial.user_attrs.get(key)
+            if run_id and client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="FAILED")
+    except Exception as e:  # noqa: BLE001 - never lose the retry over a tracking error
+        logging.getLogger(__name__).warning("trial %d: its MLflow runs were not ended (%s)", trial.number, e)
 
 
 def _on_stale_trial(cfg: Config) -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -77,8 +84,8 @@ def _on_stale_trial(cfg: Config) -> Callable[[optuna.Study, FrozenTrial], None]:
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.tune.max_retries)
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        retry(study, trial)  # first: the retry must not depend on MLflow being reachable
         _close_mlflow_runs(cfg, trial)
-        retry(study, trial)
 
     return callback
 
@@ -94,6 +101,17 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+class _Storage(optuna.storages.RDBStorage):
+    """RDBStorage whose heartbeat survives a database hiccup: Optuna's heartbeat thread stops for good at the
+    first error, after which other workers would take a live trial for a dead one and run it twice."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as e:  # noqa: BLE001 - the next beat tries again
+            logging.getLogger(__name__).warning("heartbeat of trial %d not recorded (%s)", trial_id, e)
+
+
 def load_study(cfg: Config) -> optuna.Study:
     """Create the study (or load it) in its store (``tune.storage``), with heartbeats for its running trials."""
     url, t = storage_url(cfg), cfg.tune
@@ -101,11 +119,11 @@ def load_study(cfg: Config) -> optuna.Study:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, since Optuna 2.x
-        storage = optuna.storages.RDBStorage(
+        storage = _Storage(
             url,
             engine_kwargs=_engine_kwargs(url),
             heartbeat_interval=t.heartbeat_s,
-            grace_period=2 * t.heartbeat_s,
+            grace_period=3 * t.heartbeat_s,
             heartbeat_stale_trial_callback=_on_stale_trial(cfg),
         )
     study = optuna.create_study(
@@ -118,7 +136,12 @@ def load_study(cfg: Config) -> optuna.Study:
     # Seeded per invocation with the trials already stored, so extending a study samples new points
     # instead of replaying the first process's random start-up sequence.
     # constant_liar: a running trial counts as a poor result, so parallel workers do not all sample one point.
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials), constant_liar=True)
+    # A database server means parallel workers, which may start together with the same trial count: their
+    # seeds also differ by host and process, or TPE's random start-up trials would repeat across them.
+    seed = cfg.seed + len(study.trials)
+    if not url.startswith("sqlite"):
+        seed += int(hashlib.sha256(f"{socket.gethostname()}:{os.getpid()}".encode()).hexdigest()[:6], 16)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     return study
 
 
