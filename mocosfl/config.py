@@ -213,6 +213,11 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "mocosfl"
     db: str = "mlflow.db"  # SQLite store (absolute URI built from it) unless MLFLOW_TRACKING_URI is set
+    # A finished pretrain registers its encoder as a new version of this model ("" = no registration; a baseline's
+    # goes to "<name>-<method>") and points model_alias at it unless the run collapsed: models:/<name>@<alias>.
+    registered_model: str = "mocosfl-encoder"
+    model_alias: str = "good"
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU with nvidia-ml-py) of pretrain runs
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,10 @@ class TuneConfig:
     # trial to start and run again, up to max_retries times.
     heartbeat_s: int = 60
     max_retries: int = 2
+    # local: this process runs the trials. pool: it also submits pool_runs - 1 flow runs of the Prefect
+    # deployment mocosfl-tune-trials/tune-trials to the work pool `mocosfl`, which run trials of the same study.
+    executor: Literal["local", "pool"] = "local"
+    pool_runs: int = 2
     out_dir: str = "tune"
 
 
@@ -444,6 +453,7 @@ def validate(cfg: Config) -> Config:
         "tune.queue_size_min",
         "tune.queue_size_max",
         "tune.heartbeat_s",
+        "tune.pool_runs",
     ]:
         _positive(key, get_dotted(cfg, key))
     for key in ["attack.seeds", "attack.victims", "attack.decoder_width", "attack.epochs"]:
@@ -457,6 +467,7 @@ def validate(cfg: Config) -> Config:
     if not cfg.attack.lr > 0:
         raise ConfigError(f"attack.lr={cfg.attack.lr!r} is invalid: must be > 0")
     _validate_taressfl(cfg.taressfl)
+    _validate_tracking(cfg.tracking)
     _positive("bench.warmup", cfg.bench.warmup, 0)
     _positive("tune.max_retries", cfg.tune.max_retries, 0)
     _positive("distributed.client_hosts", cfg.distributed.client_hosts, 0)
@@ -507,6 +518,27 @@ def _validate_taressfl(t: TaressflConfig) -> None:
         raise ConfigError(f"taressfl.decoder_lr={t.decoder_lr!r} is invalid: must be > 0")
 
 
+# The Model Registry's rules (MLflow's, checked here so a bad name fails at load, not after training): a model
+# name without '/' or ':'; an alias of letters, digits, '_' and '-', neither 'latest' nor a version ('v3').
+_ALIAS = re.compile(r"[\w-]{1,255}")
+_VERSION_ALIAS = re.compile(r"[vV]\d+")
+
+
+def _validate_tracking(t: TrackingConfig) -> None:
+    name = t.registered_model
+    if name and (not name.strip() or any(c in name for c in "/:") or name == "." or name.startswith("..")):
+        raise ConfigError(
+            f"tracking.registered_model={name!r} is invalid: a Model Registry name has no '/' or ':' and does not "
+            "start with '..' (\"\" = do not register the encoder)"
+        )
+    a = t.model_alias
+    if not _ALIAS.fullmatch(a) or a.lower() == "latest" or _VERSION_ALIAS.fullmatch(a):
+        raise ConfigError(
+            f"tracking.model_alias={a!r} is invalid: letters, digits, '_' and '-', and neither 'latest' nor "
+            "a version like 'v3' (MLflow reserves those)"
+        )
+
+
 def _validate_model_augment(cfg: Config) -> None:
     m, a = cfg.model, cfg.augment
     if m.width % m.gn_channels_per_group:
@@ -532,6 +564,27 @@ def _validate_model_augment(cfg: Config) -> None:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     return validate(_build(Config, raw, ""))
+
+
+def portable(cfg: Config, root: str | Path) -> dict[str, Any]:
+    """``cfg`` as a dict whose file paths are relative to ``root`` (a checkout): what another host, whose
+    checkout may live elsewhere, turns back into a config with ``from_portable``."""
+    raw = cfg.to_dict()
+    for key in PATH_FIELDS:
+        value = get_dotted(raw, key)
+        if isinstance(value, str) and "://" not in value and Path(value).is_absolute():
+            _set_dotted(raw, key, os.path.relpath(value, Path(root).resolve()))
+    return raw
+
+
+def from_portable(raw: dict[str, Any], root: str | Path) -> Config:
+    """The config ``portable`` made, its relative paths resolved against this host's checkout ``root``."""
+    raw = copy.deepcopy(raw)
+    for key in PATH_FIELDS:
+        value = get_dotted(raw, key)
+        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute():
+            _set_dotted(raw, key, os.path.normpath(Path(root).resolve() / value))
+    return from_dict(raw)
 
 
 # ----------------------------------------------------------------------------- loading

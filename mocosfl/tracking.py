@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,19 @@ EXTRA = "pip install 'mocosfl[pipeline]'  (from a checkout: pip install '.[pipel
 class TrackingError(RuntimeError):
     """The tracker could not record (e.g. its server or database is down). Raised instead of retrying for
     minutes; training's checkpoints are kept, so running the command again resumes the run."""
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """The identity of data a run read, not the data: name, where it came from, a digest that changes when
+    it does (at most 36 characters), the role it played (``context``: "training", "evaluation", ...) and a
+    small ``profile`` of JSON values (sizes, the knobs that selected it)."""
+
+    name: str
+    digest: str
+    source: str
+    context: str
+    profile: dict[str, Any] = field(default_factory=dict)
 
 
 class Tracker(Protocol):
@@ -46,8 +60,13 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
 
-    def log_encoder(self, run_dir: Path, image_size: int) -> None:
-        """The trained encoder of ``run_dir`` as a loadable model, where the tracker supports it."""
+    def log_dataset(self, dataset: DatasetInput) -> None:
+        """An input of the open run (its data's identity)."""
+        ...
+
+    def log_encoder(self, run_dir: Path, image_size: int, collapsed: str | None = None) -> None:
+        """The trained encoder of ``run_dir`` as a loadable model, where the tracker supports it. ``collapsed``:
+        why the run counts as collapsed (``collapse_reason``), None for a usable encoder."""
         ...
 
     def add_to_run(self, run_id: str, metrics: dict[str, float]) -> None:
@@ -71,7 +90,10 @@ class NullTracker:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         pass
 
-    def log_encoder(self, run_dir: Path, image_size: int) -> None:
+    def log_dataset(self, dataset: DatasetInput) -> None:
+        pass
+
+    def log_encoder(self, run_dir: Path, image_size: int, collapsed: str | None = None) -> None:
         pass
 
     def add_to_run(self, run_id: str, metrics: dict[str, float]) -> None:

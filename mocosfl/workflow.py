@@ -7,11 +7,12 @@ Prefect call it; it calls none of them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from mocosfl.privacy.decoder import InversionDecoder
 from mocosfl.privacy.taressfl import collapse_reason
 from mocosfl.seeding import Stream, rng
 from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainLoop, resolve_device
-from mocosfl.tracking import NullTracker, Tracker, flatten, redact
+from mocosfl.tracking import DatasetInput, NullTracker, Tracker, flatten, redact
 
 __all__ = ["load_latest_checkpoint", "save_checkpoint", "write_json"]  # re-exported for older callers
 
@@ -217,9 +218,52 @@ def load_partition(cfg: Config, ds: Dataset) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------- pretrain
 
 
+def shards_digest(shards_file: Path) -> str:
+    return hashlib.sha256(shards_file.read_bytes()).hexdigest()[:16]
+
+
 def data_hash(ds: Dataset, shards_file: Path) -> str:
     """Identity of the data a run trains on: the prepared labels/shape plus the shard index."""
-    return ds.fingerprint() + hashlib.sha256(shards_file.read_bytes()).hexdigest()[:16]
+    return ds.fingerprint() + shards_digest(shards_file)
+
+
+def data_input(cfg: Config, ds: Dataset, context: str) -> DatasetInput:
+    """The images of this config (the prepared arrays, their split) as a tracker input: digest
+    ``ds.fingerprint()`` (the first half of ``data_hash``), from the hashes already recorded, no image re-read."""
+    p = ds.prepared
+    d = cfg.data
+    return DatasetInput(
+        name=p.path.name.rsplit("-", 1)[0],  # without the hash of the source's path: the same on every host
+        digest=ds.fingerprint(),
+        source=d.source,
+        context=context,
+        profile={
+            "prepared": str(p.path),
+            "content_hash": p.content_hash,
+            "image_size": d.image_size,
+            "classes": ds.num_classes,
+            "train_images": len(ds.train_idx),
+            "val_images": len(ds.val_idx),
+            "test_images": len(ds.test_idx),
+            "train_limit": d.train_limit,
+            "test_limit": d.test_limit,
+            "val_size": d.val_size,
+            "seed": cfg.seed,
+        },
+    )
+
+
+def partition_input(cfg: Config, shards_file: Path) -> DatasetInput:
+    """Which client holds which training images, as a tracker input: digest ``shards_digest`` (the second
+    half of ``data_hash``); profile: the partition's knobs."""
+    knobs = {k: v for k, v in dataclasses.asdict(cfg.partition).items() if k != "out_dir"}
+    return DatasetInput(
+        name=shards_file.stem,
+        digest=shards_digest(shards_file),
+        source=str(shards_file),
+        context="partition",
+        profile={**knobs, "seed": cfg.seed},
+    )
 
 
 def run_dir(cfg: Config, ds: Dataset, shards_file: Path, method: str = "mocosfl") -> Path:
@@ -419,7 +463,8 @@ def pretrain(
         _report_pretrain(tracker, cfg, result)
         write_json(done, result)  # last: a tracker that failed above leaves the run to be finished again
 
-    return train_run(cfg, trainer, directory, tags, tracker, finish, on_step, on_start)
+    inputs = (data_input(cfg, ds, "training"), partition_input(cfg, shards_file))
+    return train_run(cfg, trainer, directory, tags, tracker, finish, on_step, on_start, inputs)
 
 
 def train_run(
@@ -431,10 +476,11 @@ def train_run(
     finish: Callable[[dict[str, Any]], None],
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[TrainLoop, Path], None] | None = None,
+    inputs: Sequence[DatasetInput] = (),
 ) -> dict[str, Any]:
-    """Run ``trainer`` to its last step in ``directory`` (checkpoints, ``encoder.pt``), tracked as one run;
-    returns its summary. ``finish`` gets the summary inside the tracked run: it writes ``pretrain.json`` (the
-    run counts as finished from then on) and reports to the tracker."""
+    """Run ``trainer`` to its last step in ``directory`` (checkpoints, ``encoder.pt``), tracked as one run with
+    ``inputs`` as its datasets; returns its summary. ``finish`` gets the summary inside the tracked run: it
+    writes ``pretrain.json`` (the run counts as finished from then on) and reports to the tracker."""
     start_step = trainer.step
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "config.json", redact(cfg.to_dict()))
@@ -456,6 +502,8 @@ def train_run(
     ) as tracking_id:
         if tracking_id:
             write_run_id(directory, tracking_id)
+        for dataset in inputs:
+            tracker.log_dataset(dataset)
         if on_start:
             on_start(trainer, directory)
         wall0 = time.perf_counter()
@@ -623,7 +671,7 @@ def _report_pretrain(tracker: Tracker, cfg: Config, result: dict[str, Any]) -> N
         tracker.log_metrics({f"final.dist_sent_bytes.{kind.replace(' ', '_')}": float(sent)})
     for name in ("partition.json", "partition_heatmap.png", "pretrain.json"):
         tracker.log_artifact(metrics_path(cfg, name), "metrics")
-    tracker.log_encoder(Path(result["run_dir"]), cfg.data.image_size)
+    tracker.log_encoder(Path(result["run_dir"]), cfg.data.image_size, result.get("collapsed"))
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -741,6 +789,7 @@ def evaluate(
         tags["pretrain_run_id"] = pretrain_run
     numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     with tracker.run(f"evaluate-{cfg.evaluate.encoder}", tags=tags, params=flatten(cfg.to_dict())) as run_id:
+        tracker.log_dataset(data_input(cfg, ds, "evaluation"))
         tracker.log_metrics(numbers)
         tracker.log_artifact(metrics_path(cfg, name), "metrics")
     if pretrain_run:

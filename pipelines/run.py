@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             f"MLflow runs are in {tracking.tracking_uri(cfg)}; browse them with `make ui` "
             f"and open {cfg.report.mlflow_ui}"
         )
+        encoder = tracking.registered_encoder(cfg) if "pretrain" in results else None
+        if encoder:
+            print(f"encoder: {encoder}; load it with mlflow.pytorch.load_model (see README, Model Registry)")
     return 0
 
 

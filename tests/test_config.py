@@ -119,6 +119,11 @@ def test_unknown_key_names_it(override: str, name: str) -> None:
         ("sfl.sync_period=true", ["sfl.sync_period=true", "int"]),
         ("moco.temperature=0", ["moco.temperature=0", "> 0"]),
         ("device=gpu", ["device='gpu'", "'auto', 'cpu', 'cuda'"]),
+        ("tracking.model_alias=latest", ["tracking.model_alias='latest'", "neither 'latest'"]),
+        ("tracking.model_alias=v3", ["tracking.model_alias='v3'", "a version like 'v3'"]),
+        ("tracking.model_alias=a b", ["tracking.model_alias='a b'", "letters, digits, '_' and '-'"]),
+        ("tracking.registered_model=a/b", ["tracking.registered_model='a/b'", "no '/' or ':'"]),
+        ("tracking.system_metrics=often", ["tracking.system_metrics='often'", "true or false"]),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(override: str, needles: list[str]) -> None:
