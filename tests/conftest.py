@@ -61,3 +61,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A throw-away sshd on 127.0.0.1 and a free port (tests/sshd.py), stopped at the end; skips without
+    OpenSSH's server. Yields its ``Sshd``: client key, known_hosts, ``url(path)``."""
+    from sshd import Sshd, running
+
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    server.configure()
+    with running(server):
+        yield server
