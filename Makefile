@@ -8,7 +8,8 @@ PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
 MOCOSFL := $(VENV)/bin/mocosfl
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean gpu-check services services-stop
+.PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean gpu-check services services-stop \
+	deploy worker
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +42,12 @@ services: setup  ## PostgreSQL + MLflow (5000) + Prefect (4200) servers in the b
 services-stop: setup  ## stop what `make services` started
 	$(PY) -m pipelines.services stop
 
+deploy: setup  ## register prefect.yaml's deployments on the work pool `mocosfl` (server: PREFECT_API_URL or .services/env)
+	VENV=$(VENV) bash scripts/pool.sh deploy
+
+worker: setup  ## a worker of the pool `mocosfl` in the foreground (LIMIT=flow runs at a time, 1; THREADS=torch threads)
+	VENV=$(VENV) $(if $(LIMIT),LIMIT=$(LIMIT),) $(if $(THREADS),THREADS=$(THREADS),) bash scripts/pool.sh worker
+
 serve: setup  ## Prefect server on 127.0.0.1:4200 + deployments mocosfl/{pretrain,pipeline,tune} (foreground)
 	VENV=$(VENV) bash scripts/serve.sh
 
@@ -56,8 +63,9 @@ bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,1000
 gpu-check: setup  ## CUDA tests + width-64 bench in fp32/TF32 and bf16 (one JSON line; skips without a GPU)
 	$(PY) scripts/gpu_check.py
 
-results: setup  ## baselines + ablations table reports/results-<profile>[-<suite>].md (SUITE=main|full|long|paper|privacy, SEEDS=N)
-	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(if $(SEEDS),--seeds $(SEEDS),) $(foreach o,$(OVERRIDES),--set $(o))
+results: setup  ## table reports/results-<profile>[-<suite>].md (SUITE=main|full|long|paper|privacy|check, SEEDS=N, EXECUTOR=pool)
+	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(if $(SEEDS),--seeds $(SEEDS),) \
+		$(if $(EXECUTOR),--executor $(EXECUTOR),) $(foreach o,$(OVERRIDES),--set $(o))
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)
 	rm -rf data runs metrics tune

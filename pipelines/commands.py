@@ -30,9 +30,13 @@ def require_extra(command: str) -> None:
 
 
 def _tune(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.pool import PoolError
     from pipelines.tune import run_study
 
-    return run_study(cfg, log=log.info)
+    try:
+        return run_study(cfg, log=log.info)
+    except PoolError as e:  # no server, no deployment, a failed flow run: one line, not a traceback
+        raise CommandError(str(e)) from e
 
 
 def _report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -43,9 +47,15 @@ def _report(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mocosfl.experiments.rows import default_suite
+    from pipelines.pool import PoolError
     from pipelines.results import run_suite
 
-    return run_suite(cfg, args.suite or default_suite(cfg.profile), log=log.info, seeds=args.seeds)
+    try:
+        return run_suite(
+            cfg, args.suite or default_suite(cfg.profile), log=log.info, seeds=args.seeds, executor=args.executor
+        )
+    except PoolError as e:
+        raise CommandError(str(e)) from e
 
 
 def _results_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +71,13 @@ def _results_arguments(p: argparse.ArgumentParser) -> None:
         help=f"run every row at N seeds (seed, seed+1, ...), each its own cached run (default: the suite's: "
         f"{HEADLINE_SEEDS} on main's headline rows, 1 on the others; 1 everywhere on the "
         f"{'/'.join(ONE_SEED_PROFILES)} profiles)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["local", "pool"],
+        default="local",
+        help="local: run the missing runs here, one after another; pool: as flow runs on the Prefect work pool "
+        "`mocosfl` (make services, make deploy, make worker on each host), then write the table here",
     )
 
 

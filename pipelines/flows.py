@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 
+from pipelines import lock
+
 ROOT = Path(__file__).resolve().parents[1]
 # The library logs progress at INFO on the `mocosfl` logger; Prefect attaches its handlers to it
 # (PREFECT_LOGGING_EXTRA_LOGGERS, set in pipelines.env) but leaves the level to us.
@@ -133,13 +135,50 @@ TASKS = {t.name: t for t in (prepare, partition, pretrain, evaluate, attack, rep
 
 @flow(name="mocosfl", log_prints=True)
 def mocosfl_flow(profile: str = "cpu", overrides: list[str] | None = None, job: str = "pipeline") -> dict[str, Any]:
-    """Run a job (`pretrain`, `pipeline`, `attack` or `tune`) for a profile and KEY=VALUE overrides."""
+    """Run a job (`pretrain`, `pipeline`, `attack` or `tune`) for a profile and KEY=VALUE overrides.
+
+    The job holds the checkout's pipeline lock (pipelines/lock.py) while it writes data/, runs/ and metrics/,
+    so a second flow run in the same checkout waits for it; a study (`tune`) releases it after partitioning,
+    since its trials may be shared with other processes."""
     if job not in JOBS:
         raise ValueError(f"job={job!r} is invalid: allowed {', '.join(JOBS)}")
     overrides = list(overrides or [])
     logger = get_run_logger()
     results: dict[str, Any] = {}
-    for stage in JOBS[job]:
-        logger.info("stage %s (profile %s, overrides %s)", stage, profile, overrides or "none")
-        results[stage] = TASKS[stage](profile, overrides)
+    stages = JOBS[job]
+    with lock.exclusive(f"flow job {job}", ROOT, log=logger.info):
+        for stage in stages:
+            if stage == "tune":
+                break
+            logger.info("stage %s (profile %s, overrides %s)", stage, profile, overrides or "none")
+            results[stage] = TASKS[stage](profile, overrides)
+    if "tune" in stages:
+        logger.info("stage tune (profile %s, overrides %s)", profile, overrides or "none")
+        results["tune"] = TASKS["tune"](profile, overrides)
     return results
+
+
+@flow(name="mocosfl-tune-trials", log_prints=True)
+def tune_trials_flow(config: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run trials of a shared Optuna study until it holds `tune.n_trials` finished ones: what a study with
+    `tune.executor=pool` submits to the work pool. `config` is the study's whole config (Config.to_dict());
+    `parent_run_id` is the study's MLflow run, under which each trial's run is nested."""
+    from mocosfl.config import from_portable
+    from pipelines.tune import run_trials
+
+    # Its paths are relative to the submitting checkout's root: resolved against this host's checkout.
+    return run_trials(from_portable(config, ROOT), parent_run_id=parent_run_id, log=get_run_logger().info)
+
+
+@flow(name="mocosfl-results-run", log_prints=True)
+def results_run_flow(
+    config: dict[str, Any], suite: str, label: str, seed_offset: int, name: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
+    """One run of a results suite (row `label` at seed `seed + seed_offset`): what `mocosfl results --executor
+    pool` submits to the work pool, one flow run per missing run. `config` is the suite's config
+    (mocosfl.config.portable); the row's MLflow run is nested under the suite's run `parent_run_id`."""
+    from mocosfl.config import from_portable
+    from pipelines.results import run_on_pool_worker
+
+    cfg = from_portable(config, ROOT)
+    return run_on_pool_worker(cfg, suite, label, seed_offset, name, parent_run_id, log=get_run_logger().info)

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from mocosfl import identity
-from mocosfl.config import Config, ConfigError
+from mocosfl.config import Config, ConfigError, portable
 from mocosfl.experiments import rows
 from mocosfl.experiments.rows import default_suite
 from mocosfl.experiments.suites import SUITES
 from mocosfl.io import atomic_path, write_json, write_text
-from pipelines import privacy_table, tracking
+from pipelines import lock, pool, privacy_table, tracking
 
 # "MocoSFL matches centralized MoCo" when its linear probe is at most this many points below.
 MATCH_POINTS = 2.0
@@ -467,8 +467,17 @@ def plot_results(entries: list[dict[str, Any]], out_dir: Path, stem: str) -> lis
 
 
 def _log_row_mlflow(
-    r: rows.Resolved, entry: dict[str, Any], history: list[dict[str, float]], cached: bool, suite: str, name: str
+    r: rows.Resolved,
+    entry: dict[str, Any],
+    history: list[dict[str, float]],
+    cached: bool,
+    suite: str,
+    name: str,
+    parent_run_id: str | None = None,
+    entry_file: Path | None = None,
 ) -> None:
+    """The row's nested run: its kNN curve and numbers; ``entry_file`` (a run on the work pool) goes along as
+    an artifact, which is how the suite's process, on another host, gets the entry."""
     import mlflow
 
     tags = {
@@ -482,21 +491,127 @@ def _log_row_mlflow(
     }
     if "code_hash" in entry:
         tags["code_hash"] = entry["code_hash"]
-    with tracking.mlflow_run(r.cfg, name, nested=True, tags=tags):
+    nested = parent_run_id is None
+    with tracking.mlflow_run(r.cfg, name, nested=nested, parent_run_id=parent_run_id, tags=tags):
         mlflow.log_param("method", r.row.method)
         for h in history or entry["knn_history"]:
             tracking.log_row(h)
         numbers = {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(numbers)
+        if entry_file is not None:
+            mlflow.log_artifact(str(entry_file), artifact_path=ENTRY_ARTIFACTS)
+
+
+# ----------------------------------------------------------------------------- runs on the work pool
+
+ENTRY_ARTIFACTS = "entry"  # where a pool run's row run keeps the row's entry (<key>.json)
+
+
+def _row_name(r: rows.Resolved, count: int) -> str:
+    return r.row.label if count == 1 else f"{r.row.label}, seed {r.cfg.seed}"
+
+
+def run_on_pool_worker(
+    cfg: Config,
+    suite: str,
+    label: str,
+    seed_offset: int,
+    name: str,
+    parent_run_id: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """One run of a suite, as a flow run on the work pool: train and evaluate the row at ``seed + seed_offset``
+    unless its entry is cached, write the entry to this host's results folder and, with tracking, log the row's
+    run (nested under the suite's run ``parent_run_id``) with the entry as an artifact."""
+    found = [row for row in SUITES.get(suite, []) if row.label == label]
+    if not found:
+        raise ConfigError(f"suite '{suite}' has no row '{label}'")
+    with lock.exclusive(f"results: data for '{label}'", log=log):  # another run on this host may be preparing it
+        r = rows.resolve(cfg, found[0], suite, seed_offset)
+    path = rows.results_dir(cfg) / f"{r.key}.json"
+    history: list[dict[str, float]] = []
+    if path.exists():
+        entry, cached = json.loads(path.read_text()), True
+    else:
+        log(f"{label}, seed {r.cfg.seed} ({r.row.method})")
+        entry, cached = rows.run_row(r, log, on_row=history.append), False
+        write_json(path, entry)
+    if tracking.enabled(cfg):
+        _log_row_mlflow(r, entry, history, cached, suite, name, parent_run_id=parent_run_id, entry_file=path)
+    return {"key": r.key, "label": label, "seed": r.cfg.seed, "linear_probe_top1": entry["linear_probe_top1"]}
+
+
+def _fetch_entry(key: str, parent_run_id: str | None, path: Path) -> None:
+    """A pool run's entry from its MLflow row run into this host's results folder (a run on another host)."""
+    where = f"{path.parent} on this host"
+    if parent_run_id is None:
+        raise pool.PoolError(
+            f"run {key} finished on the work pool but its entry is not in {where}: share that folder between "
+            "the hosts, or turn tracking on so entries travel through MLflow"
+        )
+    import mlflow
+
+    found = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.row_key = '{key}' and tags.mlflow.parentRunId = '{parent_run_id}'",
+        output_format="list",
+    )
+    if not found:
+        raise pool.PoolError(f"run {key} finished on the work pool but neither {where} nor MLflow holds its entry")
+    local = mlflow.artifacts.download_artifacts(
+        run_id=found[0].info.run_id, artifact_path=f"{ENTRY_ARTIFACTS}/{key}.json"
+    )
+    write_text(path, Path(local).read_text())
+
+
+def _run_on_pool(
+    cfg: Config,
+    suite: str,
+    todo: list[rows.Resolved],
+    names: dict[str, str],
+    parent_run_id: str | None,
+    log: Callable[[str], None],
+) -> set[str]:
+    """Each missing run as a flow run on the work pool; waits for them all; their entries into the results
+    folder. Returns their keys (their row runs are logged already, by the workers)."""
+    config = portable(cfg, Path.cwd())
+    ids = []
+    for r in todo:
+        parameters = {
+            "config": config,
+            "suite": suite,
+            "label": r.row.label,
+            "seed_offset": r.cfg.seed - cfg.seed,
+            "name": names[r.key],
+            "parent_run_id": parent_run_id,
+        }
+        ids += pool.submit(pool.RESULTS_RUN, parameters, 1, name=f"{suite}-{r.key}")
+    log(f"submitted {len(ids)} run(s) to work pool {pool.POOL} as flow runs of {pool.RESULTS_RUN}")
+    counts = pool.finish(ids, log, cancel_unstarted=False)
+    log(f"work pool: {counts['completed']} run(s) completed")
+    cache = rows.results_dir(cfg)
+    for r in todo:
+        if not (cache / f"{r.key}.json").exists():
+            _fetch_entry(r.key, parent_run_id, cache / f"{r.key}.json")
+    return {r.key for r in todo}
 
 
 def run_suite(
-    cfg: Config, suite: str = "main", log: Callable[[str], None] = print, seeds: int | None = None
+    cfg: Config,
+    suite: str = "main",
+    log: Callable[[str], None] = print,
+    seeds: int | None = None,
+    executor: str = "local",
 ) -> dict[str, Any]:
     """Run (or reuse) every row of ``suite`` at its seeds on ``cfg``'s profile; write the table, CSV and plots.
 
     ``seeds`` (``--seeds``) sets every row's seed count instead of the suite's (``rows.seed_count``).
+    ``executor="pool"`` (``--executor pool``) runs the missing runs as flow runs on the Prefect work pool.
     """
+    if executor not in ("local", "pool"):
+        raise ConfigError(f"executor {executor!r} is invalid: local or pool")
+    if executor == "pool":
+        pool.api_url()
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}' (known: {', '.join(SUITES)})")
     if seeds is not None and seeds < 1:
@@ -524,12 +639,16 @@ def run_suite(
     track = tracking.enabled(cfg)
     entries: list[dict[str, Any]] = []
     with _parent_run(cfg, suite, track) as parent:
+        pooled: set[str] = set()
+        if executor == "pool" and todo:
+            names = {r.key: _row_name(r, counts[r.row.label]) for r in reversed(resolved)}  # a key's first row
+            pooled = _run_on_pool(cfg, suite, todo, names, parent.info.run_id if track else None, log)
         done: dict[str, dict[str, Any]] = {}
         for i, r in enumerate(resolved, 1):
             path = cache / f"{r.key}.json"
             cached = r.key in done or path.exists()
             history: list[dict[str, float]] = []
-            name = r.row.label if counts[r.row.label] == 1 else f"{r.row.label}, seed {r.cfg.seed}"
+            name = _row_name(r, counts[r.row.label])
             if r.key in done:
                 entry = dict(done[r.key])
             elif path.exists():
@@ -541,9 +660,13 @@ def run_suite(
             done[r.key] = entry
             # The seed from the resolved config: cached entries from before seeds were recorded lack it.
             entry = {**entry, "label": r.row.label, "group": r.row.group, "curve": r.row.curve, "seed": r.cfg.seed}
-            if cached:
+            ran_on_pool = r.key in pooled
+            pooled.discard(r.key)  # its row run is logged by the worker; a repeat of the key is a cached row
+            if ran_on_pool:
+                log(f"[{i}/{len(resolved)}] {name}: ran on the work pool (run {r.key})")
+            elif cached:
                 log(f"[{i}/{len(resolved)}] {name}: already finished (run {r.key})")
-            if track:
+            if track and not ran_on_pool:
                 _log_row_mlflow(r, entry, history, cached, suite, name)
             entries.append(entry)
 

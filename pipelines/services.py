@@ -95,9 +95,11 @@ class Postgres:
     def password(self) -> str:
         return self.password_file.read_text().strip()
 
-    def url(self, database: str = USER, driver: str = "postgresql") -> str:
-        """``postgresql://mocosfl:<password>@host:port/<database>`` (``driver`` e.g. ``postgresql+asyncpg``)."""
-        return f"{driver}://{USER}:{self.password()}@{self.host}:{self.port}/{database}"
+    def url(self, database: str = USER, driver: str = "postgresql", password: bool = True) -> str:
+        """``postgresql://mocosfl:<password>@host:port/<database>`` (``driver`` e.g. ``postgresql+asyncpg``);
+        ``password=False`` leaves it out (the client then takes it from PGPASSWORD or ~/.pgpass)."""
+        secret = f":{self.password()}" if password else ""
+        return f"{driver}://{USER}{secret}@{self.host}:{self.port}/{database}"
 
     def init(self) -> None:
         """Create the cluster once (nothing to do when it exists): superuser ``mocosfl`` with a random password."""
@@ -324,10 +326,21 @@ def start(s: Settings, log: Any = print, timeout: float = 120) -> dict[str, str]
         _spawn(name, argv, {**base, **env}, s.root)
     for name, (health, _, _) in services.items():
         _wait(health, name, s.root, timeout)
-    exports = {"MLFLOW_TRACKING_URI": s.mlflow_url, "PREFECT_API_URL": s.prefect_api}
-    (s.root / "env").write_text("".join(f"export {k}={v}\n" for k, v in exports.items()))
+    exports = {
+        "MLFLOW_TRACKING_URI": s.mlflow_url,
+        "PREFECT_API_URL": s.prefect_api,
+        # For `--set tune.storage=$MOCOSFL_TUNE_STORAGE` and `make deploy`'s mocosfl/tune; the password
+        # reaches the database driver (libpq) through PGPASSWORD, never inside a URL.
+        "MOCOSFL_TUNE_STORAGE": pg.url("optuna", "postgresql", password=False),
+    }
+    env_file = s.root / "env"
+    env_file.unlink(missing_ok=True)
+    _write_secret(
+        env_file,
+        "".join(f"export {k}={v}\n" for k, v in exports.items()) + f"export PGPASSWORD={pg.password()}",
+    )
     log(f"services healthy in {time.monotonic() - t0:.1f} s: MLflow {s.mlflow_url}, Prefect {s.prefect_api}")
-    log(f"export them (or: source {s.root / 'env'}):")
+    log(f"export them (or: source {env_file}, which also sets PGPASSWORD):")
     for k, v in exports.items():
         log(f"  export {k}={v}")
     return exports

@@ -30,10 +30,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mocosfl import workflow
-from mocosfl.config import Config
+from mocosfl.config import Config, portable
 from mocosfl.io import write_json
 from mocosfl.sfl.trainer import TrainingDiverged
-from pipelines import tracking
+from pipelines import lock, pool, tracking
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -198,10 +198,13 @@ def _train(trial: optuna.Trial, trial_cfg: Config, track: bool) -> float:
     return float(result["knn_top1"])
 
 
-def make_objective(cfg: Config) -> Callable[[optuna.Trial], float]:
+def make_objective(cfg: Config, parent_run_id: str | None = None) -> Callable[[optuna.Trial], float]:
+    """The study's objective; with tracking, each trial an MLflow run nested under this process's active run
+    or, given ``parent_run_id``, under that run of another process (the study's, for a pool's flow runs)."""
     track = tracking.enabled(cfg)
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
         trial_cfg = trial_config(cfg, trial)
         if not track:
             return _train(trial, trial_cfg, track=False)
@@ -213,10 +216,12 @@ def make_objective(cfg: Config) -> Callable[[optuna.Trial], float]:
         with tracking.mlflow_run(
             trial_cfg,
             f"trial-{n}",
-            nested=True,
+            nested=parent is not None,
+            parent_run_id=None if parent is not None else parent_run_id,
             tags={"stage": "tune-trial", "trial": str(n), "study_name": cfg.tune.study_name},
         ) as run:
-            # Whoever finds this trial's worker dead ends these runs (_close_mlflow_runs).
+            # Whoever finds this trial's worker dead ends these runs (_close_mlflow_runs): the trial's, and the
+            # parent when it belongs to the same process (a pool's flow run leaves the study's run alone).
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             if parent is not None:
                 trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
@@ -330,15 +335,27 @@ def summarize(cfg: Config, study: optuna.Study) -> dict[str, Any]:
                 "value": t.value,
                 "last_step": t.last_step,
                 "seconds": t.duration.total_seconds() if t.duration else None,
+                "worker": t.user_attrs.get("worker"),
             }
             for t in trials
         ],
     }
 
 
+def _prepare(cfg: Config, log: Callable[[str], None]) -> None:
+    """Data and shards for the trials, made under the checkout's pipeline lock (another process sharing the
+    study on this host may be making them too)."""
+    with lock.exclusive("tune: prepare and partition", log=log):
+        workflow.ensure_partition(cfg)
+
+
 def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run trials until the study holds ``tune.n_trials`` finished (complete or pruned) ones; write results."""
-    workflow.ensure_partition(cfg)
+    """Run trials until the study holds ``tune.n_trials`` finished (complete or pruned) ones; write results.
+
+    ``tune.executor=pool``: flow runs on the work pool run trials of the same study beside this process."""
+    _prepare(cfg, log)
+    if cfg.tune.executor == "pool":
+        _check_pool_config(cfg)
     out_dir = Path(cfg.tune.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -361,7 +378,7 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
             with tracking.mlflow_run(
                 cfg, f"tune-{cfg.tune.study_name}", tags={"stage": "tune", "study_name": cfg.tune.study_name}
             ) as parent:
-                _optimize(cfg, study, target - done, log)
+                _work(cfg, study, target - done, log, parent.info.run_id)
                 result = _write_results(cfg, study, out_dir, log, {"mlflow_run_id": parent.info.run_id})
                 mlflow.log_metrics({k: float(result[k]) for k in ("n_trials", "n_complete", "n_pruned")})
                 if result["best_value"] is not None:
@@ -372,7 +389,7 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
                     if Path(path).exists():
                         mlflow.log_artifact(path, artifact_path="tune")
         else:
-            _optimize(cfg, study, target - done, log)
+            _work(cfg, study, target - done, log, None)
             result = _write_results(cfg, study, out_dir, log)
         log(
             f"study {cfg.tune.study_name}: {result['n_trials']} finished ({result['n_pruned']} pruned), "
@@ -383,19 +400,87 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
         optuna_logger.setLevel(old_level)
 
 
-def _optimize(cfg: Config, study: optuna.Study, remaining: int, log: Callable[[str], None]) -> None:
+def _check_pool_config(cfg: Config) -> None:
+    from sqlalchemy.engine import make_url
+
+    if make_url(storage_url(cfg)).password:
+        raise pool.PoolError(
+            "tune.executor=pool sends the config to the workers as flow-run parameters, which the Prefect server "
+            "stores: give the database password through PGPASSWORD or ~/.pgpass on each host, not in tune.storage"
+        )
+    pool.api_url()
+
+
+def _work(
+    cfg: Config, study: optuna.Study, remaining: int, log: Callable[[str], None], parent_run_id: str | None
+) -> None:
+    """Run the remaining trials here, and with ``tune.executor=pool`` also in flow runs on the work pool."""
     if remaining <= 0:
         return
+    if cfg.tune.executor == "local" or cfg.tune.pool_runs < 2:
+        _optimize(cfg, study, remaining, log)
+        return
+    helpers = min(cfg.tune.pool_runs - 1, remaining)
+    config = portable(cfg.replace(**{"tune.executor": "local"}), Path.cwd())
+    ids = pool.submit(
+        pool.TUNE_TRIALS,
+        {"config": config, "parent_run_id": parent_run_id},
+        helpers,
+        name=f"trials-{cfg.tune.study_name}",
+    )
+    log(f"submitted {helpers} flow run(s) of {pool.TUNE_TRIALS} to work pool {pool.POOL}; running trials here too")
+    try:
+        _optimize(cfg, study, remaining, log)
+    finally:
+        counts = pool.finish(ids, log)
+        log(f"work pool: {counts['completed']} flow run(s) completed, {counts['cancelled']} cancelled (never started)")
+
+
+def run_trials(cfg: Config, parent_run_id: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One participant of a shared study (a pool's flow run): trials until the study holds ``tune.n_trials``
+    finished ones, each nested under the study's MLflow run ``parent_run_id``. Writes no result files: the
+    process that started the study does, once every participant has ended. Returns counts of this process's
+    trials."""
+    _prepare(cfg, log)
+    optuna_logger = logging.getLogger("optuna")
+    old_level = optuna_logger.level
+    optuna_logger.setLevel(logging.WARNING)
+    try:
+        study = load_study(cfg)
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+        log(f"study {cfg.tune.study_name} at {shown_url(storage_url(cfg))}: {done}/{cfg.tune.n_trials} finished")
+        mine = _optimize(cfg, study, cfg.tune.n_trials - done, log, parent_run_id)
+    finally:
+        optuna_logger.setLevel(old_level)
+    return {
+        "study_name": cfg.tune.study_name,
+        "host": socket.gethostname(),
+        "trials": [t.number for t in mine],
+        "states": {s.name: n for s in TrialState if (n := sum(1 for t in mine if t.state == s))},
+    }
+
+
+def _optimize(
+    cfg: Config, study: optuna.Study, remaining: int, log: Callable[[str], None], parent_run_id: str | None = None
+) -> list[FrozenTrial]:
+    """Run trials in this process until the study holds ``tune.n_trials`` finished ones; the trials it ran.
+
+    Processes sharing the study each stop at that count, so together they may finish a few more (a trial
+    started while the last ones were still running)."""
+    mine: list[FrozenTrial] = []
+    if remaining <= 0:
+        return mine
     # n_trials caps this process's attempts (failed trials included); the callback stops it as soon as
     # the study, counting other processes' trials, holds n_trials finished ones.
     stop = optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)
     study.optimize(
-        make_objective(cfg),
+        make_objective(cfg, parent_run_id),
         n_trials=remaining,
-        callbacks=[stop, _log_trial(log, cfg.tune.n_trials)],
+        callbacks=[stop, _log_trial(log, cfg.tune.n_trials), lambda _, t: mine.append(t)],
         catch=(TrainingDiverged,),
         gc_after_trial=False,
     )
+    return mine
 
 
 def _write_results(

@@ -140,7 +140,7 @@ def test_unknown_suite_is_one_line_error(prepared, capsys) -> None:
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'nope'" in err and "main" in err and "paper" in err
-    with pytest.raises(ConfigError, match=r"unknown suite 'nope' \(known: main, full, long, paper, privacy\)"):
+    with pytest.raises(ConfigError, match=r"unknown suite 'nope' \(known: main, full, long, paper, privacy, check\)"):
         R.run_suite(load_config(PARAMS, "test", prepared), "nope")
 
 

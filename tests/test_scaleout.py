@@ -116,7 +116,8 @@ def test_killed_worker_trial_is_failed_rerun_and_its_runs_ended(prepared, postgr
 
     monkeypatch.setenv("MOCOSFL_TRACKING", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    assert main(cli_args("tune", sets)) == 0
+    # The second worker's trials may be short: only the first had to live long enough to be killed.
+    assert main(cli_args("tune", [*sets[:-1], "tune.steps=8"])) == 0
     study = optuna.load_study(study_name="mocosfl", storage=url)
     trials = study.get_trials(deepcopy=False)
     assert study.trials[killed.number].state.name == "FAIL"
@@ -207,8 +208,11 @@ def _pretrain(prepared: list[str], tmp: Path, mlflow_url: str, *extra: str, time
 
 def test_services_serve_a_tracked_run(prepared, services, tmp_path):
     """Healthy services; a second start finds them running; a pretrain logs to the MLflow server (PostgreSQL
-    behind it) and its artifacts, the encoder included, land in the server's store."""
+    behind it) and its artifacts, the encoder included, land in the server's store; the encoder is registered and
+    loads from the server by its alias."""
     import mlflow
+    import mlflow.pytorch
+    import torch
 
     from pipelines.services import http_ok
 
@@ -224,15 +228,32 @@ def test_services_serve_a_tracked_run(prepared, services, tmp_path):
         timeout=120,
     )
     assert again.returncode == 0 and "mlflow already running" in again.stdout
-    proc = _pretrain(prepared, tmp_path, s.mlflow_url)
-    _, err = proc.communicate(timeout=300)
+    # 40 steps: the test profile's 8 end "collapsed", and a collapsed run's encoder does not get the alias.
+    proc = _pretrain(
+        prepared, tmp_path, s.mlflow_url, "pretrain.steps=40", "pretrain.knn_every=20", "pretrain.num_threads=1"
+    )
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["collapsed"] is None, result["collapsed"]
     mlflow.set_tracking_uri(s.mlflow_url)
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded through the server
     assert list((s.root / "mlflow-artifacts").rglob("model.pt2"))  # the encoder, in the server's store
-    print(f"services healthy {seconds:.1f} s after start")
+    digests = {i.dataset.digest for i in runs[0].inputs.dataset_inputs}
+    assert digests == {result["data_hash"][:16], result["data_hash"][16:]}  # the images and the partition
+    # Registered in the server's Model Registry; loads by alias from it (as on another host), any batch size.
+    version = mlflow.MlflowClient().get_model_version_by_alias("mocosfl-encoder", "good")
+    assert version.run_id == runs[0].info.run_id and version.tags["run_hash"] == result["run_id"]
+    t0 = time.monotonic()
+    encoder = mlflow.pytorch.load_model("models:/mocosfl-encoder@good")
+    assert tuple(encoder(torch.randn(8, 3, 32, 32)).shape) == (8, 64)  # 8 * model.width
+    loaded = time.monotonic() - t0
+    print(
+        f"services healthy {seconds:.1f} s after start; the encoder loaded by alias and embedded 8 images in "
+        f"{loaded:.1f} s"
+    )
 
 
 def test_postgresql_outage_fails_the_run_in_one_line_and_it_resumes(prepared, services, tmp_path):
@@ -271,3 +292,133 @@ def test_postgresql_outage_fails_the_run_in_one_line_and_it_resumes(prepared, se
     run = mlflow.MlflowClient().get_run(result["tracking_run_id"])
     assert run.info.status == "FINISHED"  # the run the outage interrupted, continued
     print(f"failed {failed_after:.1f} s after PostgreSQL stopped; resumed at step {result['resumed_from_step']}")
+
+
+def test_work_pool_runs_a_study_and_a_results_suite_over_two_workers(prepared, services, tmp_path):
+    """`make deploy` + two `make worker`s (1 thread each) on the services:
+
+    - `prefect deployment run mocosfl/tune`: the study, in the services' PostgreSQL, ends with the requested
+      COMPLETE trials, run by both workers; MLflow holds one run per trial nested under the study's run;
+    - `mocosfl results --suite check --executor pool`: each run of the suite is a flow run on the pool, its row
+      run logged by the worker with the entry, which also travels back through MLflow;
+    - no MLflow run is left RUNNING."""
+    import mlflow
+    import optuna
+
+    s, env, _, _ = services
+    env = {k: v for k, v in env.items() if not k.startswith(("PREFECT_API", "MLFLOW_", "PGPASSWORD"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), MOCOSFL_NO_PROGRESS="1")
+    deploy = subprocess.run(
+        ["bash", "scripts/pool.sh", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
+    worker_env = {**env, "THREADS": "1", "MOCOSFL_TRACKING": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    workers = [
+        subprocess.Popen(
+            ["bash", "scripts/pool.sh", "worker"],
+            cwd=ROOT,
+            env={**worker_env, "WORKER_NAME": f"test-worker-{i}"},
+            stdout=open(tmp_path / f"worker-{i}.log", "w"),  # noqa: SIM115 - closed when the process ends
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for i in (1, 2)
+    ]
+    data = [o for o in prepared if not o.startswith("pretrain.num_threads")]
+    sets = [
+        *data,
+        "tune.executor=pool",
+        f"tune.storage=postgresql://mocosfl@127.0.0.1:{s.pg_port}/optuna",  # password: PGPASSWORD on the workers
+        "tune.study_name=pool-test",
+        "tune.n_trials=4",
+        "tune.steps=8",
+        "tune.pruner=none",
+        f"tune.out_dir={tmp_path}/tune",
+        f"metrics_dir={tmp_path}/metrics",
+    ]
+    client_env = {**env, "PREFECT_API_URL": s.prefect_api, "MLFLOW_TRACKING_URI": s.mlflow_url}
+    suite_sets = [*data, f"pretrain.runs_dir={tmp_path}/runs", f"report.out_dir={tmp_path}/reports"]
+    try:
+        t0 = time.monotonic()
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("prefect")),
+                "deployment",
+                "run",
+                "mocosfl/tune",
+                "-p",
+                "profile=test",
+                "--params",
+                json.dumps({"overrides": sets}),
+                "--watch",
+                "--watch-timeout",
+                "400",
+            ],
+            cwd=ROOT,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=450,
+        )
+        study_seconds = time.monotonic() - t0
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-2000:] + _logs(tmp_path)
+        t0 = time.monotonic()
+        suite = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mocosfl",
+                *cli_args("results", suite_sets, "--suite", "check", "--executor", "pool"),
+            ],
+            cwd=ROOT,
+            env={**client_env, "MOCOSFL_TRACKING": "1"},
+            capture_output=True,
+            text=True,
+            timeout=450,
+        )
+        suite_seconds = time.monotonic() - t0
+        assert suite.returncode == 0, suite.stderr[-3000:] + _logs(tmp_path)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+    print(f"on the pool: study {study_seconds:.1f} s, check suite {suite_seconds:.1f} s")
+
+    url = f"postgresql://mocosfl:{s.postgres().password()}@127.0.0.1:{s.pg_port}/optuna"
+    trials = optuna.load_study(study_name="pool-test", storage=url).get_trials(deepcopy=False)
+    assert len(trials) >= 4 and {t.state.name for t in trials} == {"COMPLETE"}, [t.state.name for t in trials]
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, _logs(tmp_path)  # both workers ran trials
+    mlflow.set_tracking_uri(s.mlflow_url)
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not [r.info.run_name for r in found if r.info.status == "RUNNING"]
+    study_run = [r for r in found if r.data.tags.get("stage") == "tune" and r.info.run_name == "tune-pool-test"]
+    assert len(study_run) == 1 and study_run[0].info.status == "FINISHED"
+    trial_runs = [r for r in found if r.data.tags.get("study_name") == "pool-test" and r.data.tags.get("trial")]
+    assert sorted(int(r.data.tags["trial"]) for r in trial_runs) == sorted(t.number for t in trials)
+    assert {r.data.tags.get("mlflow.parentRunId") for r in trial_runs} == {study_run[0].info.run_id}
+
+    result = json.loads(suite.stdout.strip().splitlines()[-1])
+    assert result["ran"] == 2 and set(result["linear_probe_top1"]) == {"MocoSFL", "random init"}
+    for label in ("MocoSFL", "random init"):
+        assert f"] {label}: ran on the work pool" in suite.stderr, suite.stderr[-3000:]
+    row_runs = [r for r in found if r.data.tags.get("stage") == "results-row"]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in row_runs} == {result["mlflow_run_id"]}
+    assert sorted(r.info.run_name for r in row_runs) == ["MocoSFL", "random init"]
+    # The way an entry comes back from a worker on another host: from its row run's artifact.
+    from pipelines.results import _fetch_entry
+
+    key = row_runs[0].data.tags["row_key"]
+    cached = tmp_path / "runs" / "results" / f"{key}.json"
+    original = cached.read_text()
+    cached.unlink()
+    _fetch_entry(key, result["mlflow_run_id"], cached)
+    assert cached.read_text() == original
+
+
+def _logs(tmp_path: Path) -> str:
+    return "".join((tmp_path / f"worker-{i}.log").read_text()[-3000:] for i in (1, 2))

@@ -108,28 +108,35 @@ def test_prefect_deployment_run_pretrain(prepared: list[str], tmp_path: Path) ->
         overrides = json.dumps(
             prepared + [f"metrics_dir={tmp_path / 'metrics'}", f"pretrain.runs_dir={tmp_path / 'runs'}"]
         )
-        run = subprocess.run(
-            [
-                prefect,
-                "deployment",
-                "run",
-                "mocosfl/pretrain",
-                "-p",
-                "profile=test",
-                "-p",
-                f"overrides={overrides}",
-                "--watch",
-                "--watch-timeout",
-                "600",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=700,
-        )
+        command = [
+            prefect,
+            "deployment",
+            "run",
+            "mocosfl/pretrain",
+            "-p",
+            "profile=test",
+            "-p",
+            f"overrides={overrides}",
+            "--watch",
+            "--watch-timeout",
+            "600",
+        ]
+        # Another pipeline holds the checkout: the flow run waits for it, writing nothing meanwhile.
+        from pipelines.lock import exclusive
+
+        with exclusive("test holder", ROOT):
+            run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.time() + 120
+            while "waiting for test holder" not in (tmp_path / "serve.log").read_text():
+                assert run.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+            time.sleep(2)
+            assert not (tmp_path / "metrics").exists()  # nothing written while it waits
+        out, _ = run.communicate(timeout=700)
         log = (tmp_path / "serve.log").read_text()
-        assert run.returncode == 0, run.stdout + run.stderr + log[-3000:]
-        assert "Completed" in run.stdout, run.stdout
+        assert run.returncode == 0, out + log[-3000:]
+        assert "Completed" in out, out
+        assert "lock acquired after" in log, log[-3000:]
     finally:
         _stop(serve)
 

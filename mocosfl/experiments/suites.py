@@ -126,4 +126,13 @@ PRIVACY = [
     )
     for alpha in (2.0, 0.0)
 ]
-SUITES: dict[str, list[Row]] = {"main": MAIN, "full": FULL, "long": LONG, "paper": PAPER, "privacy": PRIVACY}
+# Two rows in minutes: for trying a set-up (a profile, a work pool: `mocosfl results --suite check --executor pool`).
+CHECK = [Row("MocoSFL", "mocosfl", "method", curve=True), Row("random init", "random", "method")]
+SUITES: dict[str, list[Row]] = {
+    "main": MAIN,
+    "full": FULL,
+    "long": LONG,
+    "paper": PAPER,
+    "privacy": PRIVACY,
+    "check": CHECK,
+}
