@@ -567,13 +567,16 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def portable(cfg: Config, root: str | Path) -> dict[str, Any]:
-    """``cfg`` as a dict whose file paths are relative to ``root`` (a checkout): what another host, whose
-    checkout may live elsewhere, turns back into a config with ``from_portable``."""
+    """``cfg`` as a dict for another host, whose checkout may live elsewhere (``from_portable`` turns it back):
+    a path inside the checkout ``root`` or beside it (``../shared/...``) becomes relative to ``root``; any other
+    path stays absolute, so it must mean the same on every host."""
     raw = cfg.to_dict()
+    base = Path(root).resolve()
     for key in PATH_FIELDS:
         value = get_dotted(raw, key)
         if isinstance(value, str) and "://" not in value and Path(value).is_absolute():
-            _set_dotted(raw, key, os.path.relpath(value, Path(root).resolve()))
+            if Path(value).is_relative_to(base.parent):
+                _set_dotted(raw, key, os.path.relpath(value, base))
     return raw
 
 

@@ -172,7 +172,13 @@ def tune_trials_flow(config: dict[str, Any], parent_run_id: str | None = None) -
 
 @flow(name="mocosfl-results-run", log_prints=True)
 def results_run_flow(
-    config: dict[str, Any], suite: str, label: str, seed_offset: int, name: str, parent_run_id: str | None = None
+    config: dict[str, Any],
+    suite: str,
+    label: str,
+    seed_offset: int,
+    name: str,
+    key: str,
+    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """One run of a results suite (row `label` at seed `seed + seed_offset`): what `mocosfl results --executor
     pool` submits to the work pool, one flow run per missing run. `config` is the suite's config
@@ -181,4 +187,4 @@ def results_run_flow(
     from pipelines.results import run_on_pool_worker
 
     cfg = from_portable(config, ROOT)
-    return run_on_pool_worker(cfg, suite, label, seed_offset, name, parent_run_id, log=get_run_logger().info)
+    return run_on_pool_worker(cfg, suite, label, seed_offset, name, key, parent_run_id, log=get_run_logger().info)

@@ -7,8 +7,12 @@ serialized, never interleaved. Trials of a shared study hold it only while they 
 data; their training writes into per-trial folders and runs concurrently.
 
 The lock is ``flock(2)`` on a file: the kernel drops it when its holder dies, even by SIGKILL, so a crashed
-run never leaves the checkout locked. It is re-entrant within a process (a job's stage that takes it again
-does not wait for itself).
+run never leaves the checkout locked. It is re-entrant within a thread (a job's stage that takes it again in
+the same thread does not wait for itself); a child process taking it would wait for its parent, so the stages
+a job runs as subprocesses (`dvc repro`, scripts/mocosfl) never take it.
+
+What takes it: the Prefect flow's jobs (`make pipeline`, deployments, pool workers) and, while they prepare
+data, studies and results runs on the pool. A bare `mocosfl pretrain` or `dvc repro` does not.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_FILE = ".mocosfl.lock"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose data/, runs/ and metrics/ the lock guards
 
-_held: dict[Path, int] = {}  # lock file -> depth, for this process
+_held: dict[tuple[Path, int], int] = {}  # (lock file, thread) -> depth
 _guard = threading.Lock()
 
 
@@ -42,23 +47,22 @@ def _holder(fd: int) -> str:
 
 @contextmanager
 def exclusive(
-    what: str, directory: str | Path = ".", wait: bool = True, log: Callable[[str], None] = print
+    what: str, directory: str | Path = ROOT, wait: bool = True, log: Callable[[str], None] = print
 ) -> Iterator[None]:
-    """Hold the working directory's pipeline lock while ``what`` runs; wait for (or, ``wait=False``, refuse
-    with ``Busy``) a holder in another process."""
-    path = (Path(directory) / LOCK_FILE).resolve()
+    """Hold the checkout's pipeline lock while ``what`` runs; wait for (or, ``wait=False``, refuse with
+    ``Busy``) a holder in another process or thread."""
+    key = ((Path(directory) / LOCK_FILE).resolve(), threading.get_ident())
+    path = key[0]
     with _guard:
-        if path in _held:
-            _held[path] += 1
-            reentered = True
-        else:
-            reentered = False
+        reentered = key in _held
+        if reentered:
+            _held[key] += 1
     if reentered:
         try:
             yield
         finally:
             with _guard:
-                _held[path] -= 1
+                _held[key] -= 1
         return
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,12 +80,12 @@ def exclusive(
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
         with _guard:
-            _held[path] = 1
+            _held[key] = 1
         try:
             yield
         finally:
             with _guard:
-                del _held[path]
+                del _held[key]
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:

@@ -517,6 +517,7 @@ def run_on_pool_worker(
     label: str,
     seed_offset: int,
     name: str,
+    key: str,
     parent_run_id: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -525,9 +526,15 @@ def run_on_pool_worker(
     run (nested under the suite's run ``parent_run_id``) with the entry as an artifact."""
     found = [row for row in SUITES.get(suite, []) if row.label == label]
     if not found:
-        raise ConfigError(f"suite '{suite}' has no row '{label}'")
+        raise ConfigError(f"suite '{suite}' has no row '{label}' on this worker (is its checkout up to date?)")
+    tracking.require_run(cfg, parent_run_id)
     with lock.exclusive(f"results: data for '{label}'", log=log):  # another run on this host may be preparing it
         r = rows.resolve(cfg, found[0], suite, seed_offset)
+    if r.key != key:  # the key hashes the training code and the data: this host's differ from the suite's
+        raise ConfigError(
+            f"row '{label}' is run {r.key} on this worker but {key} for the suite: its training code or data differ "
+            f"(training code {identity.code_hash()}): check out the suite's commit and data on this host"
+        )
     path = rows.results_dir(cfg) / f"{r.key}.json"
     history: list[dict[str, float]] = []
     if path.exists():
@@ -574,7 +581,10 @@ def _run_on_pool(
 ) -> set[str]:
     """Each missing run as a flow run on the work pool; waits for them all; their entries into the results
     folder. Returns their keys (their row runs are logged already, by the workers)."""
-    config = portable(cfg, Path.cwd())
+    online = pool.online_workers()
+    if not online:
+        raise pool.PoolError(f"no worker is online on work pool {pool.POOL}: start one on each host (`make worker`)")
+    config = portable(cfg, lock.ROOT)
     ids = []
     for r in todo:
         parameters = {
@@ -583,11 +593,20 @@ def _run_on_pool(
             "label": r.row.label,
             "seed_offset": r.cfg.seed - cfg.seed,
             "name": names[r.key],
+            "key": r.key,
             "parent_run_id": parent_run_id,
         }
         ids += pool.submit(pool.RESULTS_RUN, parameters, 1, name=f"{suite}-{r.key}")
-    log(f"submitted {len(ids)} run(s) to work pool {pool.POOL} as flow runs of {pool.RESULTS_RUN}")
-    counts = pool.finish(ids, log, cancel_unstarted=False)
+    log(
+        f"submitted {len(ids)} run(s) to work pool {pool.POOL} as flow runs of {pool.RESULTS_RUN} "
+        f"({len(online)} worker(s) online)"
+    )
+    try:
+        counts = pool.finish(ids, log, cancel_unstarted_runs=False)
+    except KeyboardInterrupt:
+        n = pool.cancel_unstarted(ids)
+        log(f"interrupted: {n} flow run(s) not yet started cancelled; those running finish and keep their entries")
+        raise
     log(f"work pool: {counts['completed']} run(s) completed")
     cache = rows.results_dir(cfg)
     for r in todo:

@@ -200,6 +200,16 @@ def log_row(row: dict[str, float]) -> None:
         mlflow.log_metrics(metrics, step=int(row["step"]))
 
 
+def require_run(cfg: Config, run_id: str | None) -> None:
+    """Check ``run_id`` (a parent run of another process) is in this process's tracking store: a pool's worker
+    pointed at another store would otherwise fail only when it logs, after its work."""
+    if not run_id or not enabled(cfg):
+        return
+    with _guard(cfg):
+        _setup(cfg)
+        mlflow.MlflowClient().get_run(run_id)
+
+
 def run_url(cfg: Config, run_id: str) -> str:
     exp_id = _setup(cfg)
     return f"{cfg.report.mlflow_ui.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"

@@ -112,8 +112,11 @@ class _Storage(optuna.storages.RDBStorage):
             logging.getLogger(__name__).warning("heartbeat of trial %d not recorded (%s)", trial_id, e)
 
 
-def load_study(cfg: Config) -> optuna.Study:
-    """Create the study (or load it) in its store (``tune.storage``), with heartbeats for its running trials."""
+def load_study(cfg: Config, create: bool = True) -> optuna.Study:
+    """Create the study (or load it) in its store (``tune.storage``), with heartbeats for its running trials.
+
+    ``create=False`` (a pool's flow run joining a study): a study missing from the store is an error, not a new
+    private study (a worker whose ``tune.storage`` names another database, or a SQLite file of its own host)."""
     url, t = storage_url(cfg), cfg.tune
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +128,11 @@ def load_study(cfg: Config) -> optuna.Study:
             heartbeat_interval=t.heartbeat_s,
             grace_period=3 * t.heartbeat_s,
             heartbeat_stale_trial_callback=_on_stale_trial(cfg),
+        )
+    if not create and cfg.tune.study_name not in optuna.get_all_study_names(storage):
+        raise pool.PoolError(
+            f"study {cfg.tune.study_name} is not in {shown_url(url)} as seen from {socket.gethostname()}: this worker "
+            "does not share the study's database (a SQLite tune.storage is one host's; use a PostgreSQL URL)"
         )
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
@@ -349,6 +357,12 @@ def _prepare(cfg: Config, log: Callable[[str], None]) -> None:
         workflow.ensure_partition(cfg)
 
 
+# After its own last trial the study's starter waits this long at least for the pool's flow runs to end their
+# trial in progress (3 times its longest trial when that is more); a run still going after that (its worker's
+# host died: Prefect leaves its run RUNNING) is left, with a warning.
+POOL_WAIT_MIN_S = 600.0
+
+
 def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run trials until the study holds ``tune.n_trials`` finished (complete or pruned) ones; write results.
 
@@ -420,20 +434,38 @@ def _work(
     if cfg.tune.executor == "local" or cfg.tune.pool_runs < 2:
         _optimize(cfg, study, remaining, log)
         return
+    online = pool.online_workers()
+    if not online:
+        log(f"no worker is online on work pool {pool.POOL}: running every trial here (start some with `make worker`)")
+        _optimize(cfg, study, remaining, log)
+        return
     helpers = min(cfg.tune.pool_runs - 1, remaining)
-    config = portable(cfg.replace(**{"tune.executor": "local"}), Path.cwd())
+    config = portable(cfg.replace(**{"tune.executor": "local"}), lock.ROOT)
     ids = pool.submit(
         pool.TUNE_TRIALS,
         {"config": config, "parent_run_id": parent_run_id},
         helpers,
         name=f"trials-{cfg.tune.study_name}",
     )
-    log(f"submitted {helpers} flow run(s) of {pool.TUNE_TRIALS} to work pool {pool.POOL}; running trials here too")
+    log(
+        f"submitted {helpers} flow run(s) of {pool.TUNE_TRIALS} to work pool {pool.POOL} "
+        f"({len(online)} worker(s) online); running trials here too"
+    )
     try:
-        _optimize(cfg, study, remaining, log)
-    finally:
-        counts = pool.finish(ids, log)
-        log(f"work pool: {counts['completed']} flow run(s) completed, {counts['cancelled']} cancelled (never started)")
+        mine = _optimize(cfg, study, remaining, log)
+    except BaseException:
+        pool.cancel_unstarted(ids)  # the flow runs already going finish the study on their own
+        raise
+    longest = max((t.duration.total_seconds() for t in mine if t.duration), default=0.0)
+    try:
+        counts = pool.finish(ids, log, timeout_s=max(POOL_WAIT_MIN_S, 3 * longest))
+    except pool.PoolError as e:  # the study is complete in its database whatever became of a helper
+        log(f"warning: {e}")
+        return
+    log(
+        f"work pool: {counts['completed']} flow run(s) completed, {counts['cancelled']} cancelled (never started)"
+        + (f", {counts['abandoned']} left running" if counts["abandoned"] else "")
+    )
 
 
 def run_trials(cfg: Config, parent_run_id: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -441,12 +473,13 @@ def run_trials(cfg: Config, parent_run_id: str | None = None, log: Callable[[str
     finished ones, each nested under the study's MLflow run ``parent_run_id``. Writes no result files: the
     process that started the study does, once every participant has ended. Returns counts of this process's
     trials."""
+    tracking.require_run(cfg, parent_run_id)
     _prepare(cfg, log)
     optuna_logger = logging.getLogger("optuna")
     old_level = optuna_logger.level
     optuna_logger.setLevel(logging.WARNING)
     try:
-        study = load_study(cfg)
+        study = load_study(cfg, create=False)
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
         log(f"study {cfg.tune.study_name} at {shown_url(storage_url(cfg))}: {done}/{cfg.tune.n_trials} finished")
         mine = _optimize(cfg, study, cfg.tune.n_trials - done, log, parent_run_id)

@@ -24,6 +24,10 @@ POOL=mocosfl
 case "${1:-}" in
   deploy)
     export MOCOSFL_TUNE_STORAGE=${MOCOSFL_TUNE_STORAGE:-optuna.db}
+    if [[ "$MOCOSFL_TUNE_STORAGE" =~ ://[^/@]*:[^/@]*@ ]]; then
+      echo "error: MOCOSFL_TUNE_STORAGE holds a password, which the deployment would store: use PGPASSWORD" >&2
+      exit 2
+    fi
     "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1 || "$PREFECT" work-pool create "$POOL" --type process
     "$PREFECT" --no-prompt deploy --all
     echo "deployments registered at $PREFECT_API_URL (tune.storage for mocosfl/tune: $MOCOSFL_TUNE_STORAGE)"

@@ -330,7 +330,7 @@ def test_work_pool_runs_a_study_and_a_results_suite_over_two_workers(prepared, s
         "tune.executor=pool",
         f"tune.storage=postgresql://mocosfl@127.0.0.1:{s.pg_port}/optuna",  # password: PGPASSWORD on the workers
         "tune.study_name=pool-test",
-        "tune.n_trials=4",
+        "tune.n_trials=6",  # enough for the second worker, started ~10 s later, to join
         "tune.steps=8",
         "tune.pruner=none",
         f"tune.out_dir={tmp_path}/tune",
@@ -391,7 +391,7 @@ def test_work_pool_runs_a_study_and_a_results_suite_over_two_workers(prepared, s
 
     url = f"postgresql://mocosfl:{s.postgres().password()}@127.0.0.1:{s.pg_port}/optuna"
     trials = optuna.load_study(study_name="pool-test", storage=url).get_trials(deepcopy=False)
-    assert len(trials) >= 4 and {t.state.name for t in trials} == {"COMPLETE"}, [t.state.name for t in trials]
+    assert len(trials) >= 6 and {t.state.name for t in trials} == {"COMPLETE"}, [t.state.name for t in trials]
     assert len({t.user_attrs["worker"] for t in trials}) == 2, _logs(tmp_path)  # both workers ran trials
     mlflow.set_tracking_uri(s.mlflow_url)
     found = mlflow.search_runs(search_all_experiments=True, output_format="list")

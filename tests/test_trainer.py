@@ -475,6 +475,16 @@ def test_orphan_banks_of_a_killed_save_are_removed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- monitor and divergence
 
 
+def test_knn_monitor_runs_every_knn_every_steps_whatever_the_history_period() -> None:
+    """60 steps keep a history row every 2 (~50 per run); kNN every 25 steps still runs at 25 and 50, not only at
+    the last step (the tuning pruner and the report's curves read these)."""
+    knn = KnnData(IMAGES[:40], torch.from_numpy(LABELS[:40]), IMAGES[40:60], torch.from_numpy(LABELS[40:60]), 10)
+    tr = make(knn=knn, **{"pretrain.steps": 60, "pretrain.knn_every": 25})
+    tr.run()
+    assert [h["step"] for h in tr.history if "knn_top1" in h] == [25, 50, 60]
+    assert [h["step"] for h in tr.history][:3] == [2, 4, 6]
+
+
 def test_knn_monitor_and_encoder() -> None:
     knn = KnnData(IMAGES[:60], torch.from_numpy(LABELS[:60]), IMAGES[60:80], torch.from_numpy(LABELS[60:80]), 10)
     tr = make(knn=knn, **{"pretrain.steps": 4})

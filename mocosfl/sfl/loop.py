@@ -302,15 +302,15 @@ class TrainLoop:
 
     def history_due(self) -> bool:
         """Whether the step just taken gets a history row (MLflow metrics, report curves): one per epoch,
-        but at least ~50 per run, and the last step."""
+        but at least ~50 per run, and every kNN step (the last one included)."""
         plan, pc = self.plan, self.cfg.pretrain
         every = max(1, min(pc.knn_every, plan.steps_per_epoch, math.ceil(plan.total_steps / 50)))
-        return self.step % every == 0 or self.step == plan.total_steps
+        return self.step % every == 0 or self.knn_due()
 
     def knn_due(self) -> bool:
-        """Whether the step just taken runs the kNN monitor (on a history row)."""
-        last = self.step == self.plan.total_steps
-        return self.history_due() and (self.step % self.cfg.pretrain.knn_every == 0 or last)
+        """Whether the step just taken runs the kNN monitor: every ``pretrain.knn_every`` steps and the last,
+        whatever the history's own period (a kNN step always gets a history row)."""
+        return self.step % self.cfg.pretrain.knn_every == 0 or self.step == self.plan.total_steps
 
     def checkpoint_due(self) -> bool:
         return self.step % self.cfg.pretrain.checkpoint_every == 0 or self.step == self.plan.total_steps
