@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,25 @@ ARCHIVE = (ROOT / "../shared/data/cifar10-jpeg.tar.gz").resolve()
 os.environ.setdefault("MOCOSFL_NO_PROGRESS", "1")
 # Library/CLI tests don't log to MLflow; the pipeline tests turn it on against a temp store.
 os.environ.setdefault("MOCOSFL_TRACKING", "0")
+
+
+def copy_checkout(dest: Path) -> None:
+    """The working tree's tracked and untracked-not-ignored files copied into ``dest`` (dvc.yaml, .dvc/config,
+    the Makefile as they are), with ``dest/.venv`` pointing at this venv (scripts/mocosfl and the Makefile run
+    the workspace's .venv)."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    (dest / ".venv").symlink_to(Path(sys.executable).parent.parent)  # not resolved: the venv itself
 
 
 @pytest.fixture(scope="session")

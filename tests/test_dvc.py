@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ARCHIVE, ROOT
+from conftest import ARCHIVE, copy_checkout
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -26,20 +26,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _copy_repo(dest: Path) -> None:
-    """The working tree's tracked and untracked-not-ignored files, as a fresh git repository."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    (dest / ".venv").symlink_to(VENV)  # scripts/mocosfl runs the workspace's .venv
+    """The working tree as a fresh workspace on the test profile, with ../shared beside it."""
+    copy_checkout(dest)
     (dest.parent / "shared").symlink_to(ARCHIVE.parents[1])  # data.source is ../shared/data/...
     params = dest / "params.yaml"
     params.write_text(re.sub(r"(?m)^profile: \S+", "profile: test", params.read_text()))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import copy_checkout
 
 pytestmark = [pytest.mark.integration]
 
@@ -27,19 +27,7 @@ DVC = VENV / "bin" / "dvc"
 def _copy_repo(dest: Path) -> None:
     """The working tree's tracked and untracked-not-ignored files as a fresh git repository: dvc.yaml,
     .dvc/config (default remote `local` = .dvcstore/) and the Makefile's push/pull as they are."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    (dest / ".venv").symlink_to(VENV)  # the Makefile runs .venv/bin/dvc
+    copy_checkout(dest)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True, timeout=60)
