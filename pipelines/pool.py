@@ -64,6 +64,15 @@ def online_workers() -> list[str]:
     return [w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
 
 
+def check_no_password(parameters: Any) -> None:
+    """Refuse parameters (a config, as flow-run parameters) holding a URL with a password: Prefect stores them."""
+    if redact(parameters) != parameters:
+        raise PoolError(
+            "a flow run's parameters would hold a password (a URL like scheme://user:password@host in the config), "
+            "which the Prefect server stores: give it through the environment (PGPASSWORD, ~/.pgpass) instead"
+        )
+
+
 def submit(deployment: str, parameters: dict[str, Any], count: int, name: str) -> list[UUID]:
     """``count`` flow runs of ``deployment`` (``flow/deployment``), named ``name-1``, ``name-2``, …
 
@@ -71,11 +80,7 @@ def submit(deployment: str, parameters: dict[str, Any], count: int, name: str) -
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    if redact(parameters) != parameters:
-        raise PoolError(
-            "a flow run's parameters would hold a password (a URL like scheme://user:password@host in the config), "
-            "which the Prefect server stores: give it through the environment (PGPASSWORD, ~/.pgpass) instead"
-        )
+    check_no_password(parameters)
     url = api_url()
     ids = []
     for i in range(count):

@@ -415,13 +415,8 @@ def run_study(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
 
 
 def _check_pool_config(cfg: Config) -> None:
-    from sqlalchemy.engine import make_url
-
-    if make_url(storage_url(cfg)).password:
-        raise pool.PoolError(
-            "tune.executor=pool sends the config to the workers as flow-run parameters, which the Prefect server "
-            "stores: give the database password through PGPASSWORD or ~/.pgpass on each host, not in tune.storage"
-        )
+    """Before any training: the config can travel as flow-run parameters, and a Prefect server is set."""
+    pool.check_no_password(cfg.to_dict())
     pool.api_url()
 
 
