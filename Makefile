@@ -9,7 +9,7 @@ MOCOSFL := $(VENV)/bin/mocosfl
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast lint pipeline serve ui tune bench results clean gpu-check services services-stop \
-	deploy worker
+	deploy worker evidence ref-venv
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,12 +60,23 @@ tune: setup  ## Optuna study over sync period and queue size
 bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,10000)
 	$(MOCOSFL) bench $(PROFILE_ARG) $(if $(CLIENTS),--clients $(CLIENTS),)
 
+# The reference code's own virtualenv (official-bench needs kornia etc.; kept apart from .venv).
+REF_VENV ?= .ref-venv
+REF_MIRROR ?=
+evidence: setup  ## re-measure README's speed/memory/distributed/tuning/attack figures: reports/evidence.md (REF_MIRROR=)
+	$(PY) scripts/evidence.py $(if $(REF_MIRROR),--ref-python $(REF_VENV)/bin/python --mirror $(REF_MIRROR),)
+
+ref-venv:  ## the reference code's virtualenv for `make evidence REF_MIRROR=...` (REF_VENV=.ref-venv)
+	test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 kornia scikit-learn matplotlib
+
 gpu-check: setup  ## CUDA tests + width-64 bench in fp32/TF32 and bf16 (one JSON line; skips without a GPU)
 	$(PY) scripts/gpu_check.py
 
-results: setup  ## table reports/results-<profile>[-<suite>].md (SUITE=main|full|long|paper|privacy|check, SEEDS=N, EXECUTOR=pool)
+results: setup  ## table reports/results-<profile>[-<suite>].md (SUITE=main|full|long|paper|privacy|check, SEEDS=N, EXECUTOR=pool, ESTIMATE=no)
 	$(MOCOSFL) results $(PROFILE_ARG) $(if $(SUITE),--suite $(SUITE),) $(if $(SEEDS),--seeds $(SEEDS),) \
-		$(if $(EXECUTOR),--executor $(EXECUTOR),) $(foreach o,$(OVERRIDES),--set $(o))
+		$(if $(EXECUTOR),--executor $(EXECUTOR),) $(if $(filter no,$(ESTIMATE)),--no-estimate,) \
+		$(foreach o,$(OVERRIDES),--set $(o))
 
 clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)
 	rm -rf data runs metrics tune

@@ -52,7 +52,8 @@ def _results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         return run_suite(
-            cfg, args.suite or default_suite(cfg.profile), log=log.info, seeds=args.seeds, executor=args.executor
+            cfg, args.suite or default_suite(cfg.profile), log=log.info, seeds=args.seeds, executor=args.executor,
+            estimate=args.estimate,
         )
     except PoolError as e:
         raise CommandError(str(e)) from e
@@ -78,6 +79,13 @@ def _results_arguments(p: argparse.ArgumentParser) -> None:
         default="local",
         help="local: run the missing runs here, one after another; pool: as flow runs on the Prefect work pool "
         "`mocosfl` (make services, make deploy, make worker on each host), then write the table here",
+    )
+    p.add_argument(
+        "--no-estimate",
+        dest="estimate",
+        action="store_false",
+        help="start the missing runs at once, without first timing a few steps of each for an estimate "
+        "(the estimate takes ~20-40 s per missing run)",
     )
 
 

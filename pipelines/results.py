@@ -621,11 +621,13 @@ def run_suite(
     log: Callable[[str], None] = print,
     seeds: int | None = None,
     executor: str = "local",
+    estimate: bool = True,
 ) -> dict[str, Any]:
     """Run (or reuse) every row of ``suite`` at its seeds on ``cfg``'s profile; write the table, CSV and plots.
 
     ``seeds`` (``--seeds``) sets every row's seed count instead of the suite's (``rows.seed_count``).
     ``executor="pool"`` (``--executor pool``) runs the missing runs as flow runs on the Prefect work pool.
+    ``estimate=False`` (``--no-estimate``) skips timing a few steps of each missing run before starting.
     """
     if executor not in ("local", "pool"):
         raise ConfigError(f"executor {executor!r} is invalid: local or pool")
@@ -651,7 +653,7 @@ def run_suite(
         f"suite '{suite}', profile '{cfg.profile}': {len(counts)} rows, {len(resolved)} runs over their seeds, "
         f"{len(unique)} distinct, {len(unique) - len(todo)} already finished"
     )
-    if todo:
+    if todo and estimate:
         seconds = rows.estimate(todo, log)
         log(f"estimated time for {len(todo)} runs: ~{seconds / 60:.0f} min")
 
