@@ -201,8 +201,9 @@ def machine() -> dict[str, Any]:
 
 def provenance() -> dict[str, Any]:
     from mocosfl import identity
+    from pipelines.results import code_line
 
-    return {"git": identity.git_commit(ROOT), "training_code_hash": identity.code_hash()}
+    return {"git": identity.git_commit(ROOT), "training_code_hash": identity.code_hash(), "code_line": code_line(ROOT)}
 
 
 def fmt_ms(seconds: float) -> str:
@@ -217,7 +218,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"- Measured: {record['started']} – {record['finished']} UTC, one sitting, steps in the order below.",
         f"- Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags']) or 'none of note'}; "
         f"torch {m['torch']}.",
-        f"- Code: git {p['git']}; training-code hash {p['training_code_hash']} (`mocosfl --version`).",
+        f"- Code: {p['code_line']}.",  # the results tables' format: tests/test_freshness.py reads both
         "- Written by `make evidence` (`scripts/evidence.py`); raw numbers in `evidence.json`.",
         "",
     ]
