@@ -89,3 +89,16 @@ def test_header_parsing_tells_fresh_from_stale_and_dirty() -> None:
     with pytest.raises(ValueError, match="no '- Code"):
         header_provenance("# Results\n\nno provenance here\n")
     assert readme_results_section("# x\n## Results\nhash here\n## Next\n") == "hash here\n"
+
+
+@allow_stale
+def test_readme_results_table_matches_the_committed_tables() -> None:
+    """Every two-decimal figure in README 'Results''s table rows is in a committed table (no hand-copied typo,
+    no figure left from an older run)."""
+    section = readme_results_section((ROOT / "README.md").read_text())
+    tables = "\n".join((ROOT / path).read_text() for path in COMMITTED)
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows, "README 'Results' has no table"
+    figures = {f for line in rows for f in re.findall(r"(?<![\d.])\d+\.\d\d(?![\d])", line)}
+    missing = sorted(f for f in figures if f not in tables)
+    assert not missing, f"README 'Results' quotes figures no committed table has: {missing}"
