@@ -63,12 +63,12 @@ bench: setup  ## simulation vs centralized MoCo step time (CLIENTS=100,1000,1000
 # The reference code's own virtualenv (official-bench needs kornia etc.; kept apart from .venv).
 REF_VENV ?= .ref-venv
 REF_MIRROR ?=
-evidence: setup  ## re-measure README's speed/memory/distributed/tuning/attack figures: reports/evidence.md (REF_MIRROR=)
+evidence: setup $(if $(REF_MIRROR),ref-venv,)  ## re-measure README's speed/memory/distributed/tuning/attack figures: reports/evidence.md (REF_MIRROR=)
 	$(PY) scripts/evidence.py $(if $(REF_MIRROR),--ref-python $(REF_VENV)/bin/python --mirror $(REF_MIRROR),)
 
 ref-venv:  ## the reference code's virtualenv for `make evidence REF_MIRROR=...` (REF_VENV=.ref-venv)
-	test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
-	$(REF_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 kornia scikit-learn matplotlib
+	test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -c "import kornia, sklearn, torchvision" 2>/dev/null || $(REF_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 kornia scikit-learn matplotlib
 
 gpu-check: setup  ## CUDA tests + width-64 bench in fp32/TF32 and bf16 (one JSON line; skips without a GPU)
 	$(PY) scripts/gpu_check.py
@@ -78,9 +78,9 @@ results: setup  ## table reports/results-<profile>[-<suite>].md (SUITE=main|full
 		$(if $(EXECUTOR),--executor $(EXECUTOR),) $(if $(filter no,$(ESTIMATE)),--no-estimate,) \
 		$(foreach o,$(OVERRIDES),--set $(o))
 
-clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results tables)
+clean:  ## remove generated data, runs, metrics and reports (keeps .venv, mlflow.db, committed results and evidence)
 	rm -rf data runs metrics tune
-	find reports -mindepth 1 ! -name 'results-cpu*' -delete 2>/dev/null || true
+	find reports -mindepth 1 ! -name 'results-cpu*' ! -name 'evidence.*' -delete 2>/dev/null || true
 
 # DVC: stages in dvc.yaml, state and telemetry kept inside the project. The stages call scripts/mocosfl,
 # which finds the workspace's .venv (or $MOCOSFL_VENV) also from `dvc exp run --temp/--queue` copies;

@@ -52,7 +52,11 @@ def _results(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         return run_suite(
-            cfg, args.suite or default_suite(cfg.profile), log=log.info, seeds=args.seeds, executor=args.executor,
+            cfg,
+            args.suite or default_suite(cfg.profile),
+            log=log.info,
+            seeds=args.seeds,
+            executor=args.executor,
             estimate=args.estimate,
         )
     except PoolError as e:

@@ -10,11 +10,12 @@ Each step's whole output goes to ``runs/evidence/<step>.log``. Nothing else shou
 meanwhile: torch's threads slow each other several-fold when the cores are shared.
 
 Steps, in this order:
-  ref-1, w64-bf16-1, w64-fp32, ref-2, w64-bf16-2
+  ref-1, w64-auto-1, w64-fp32, ref-2, w64-auto-2
         the reference code (``../shared/tools/official-bench``) and ``mocosfl bench`` at width 64
-        (cut 1, N = 1000, M = 100, b = 1), alternated; the reference needs ``--ref-python`` (a separate
-        venv with torch, torchvision, kornia, scikit-learn, matplotlib) and ``--mirror`` (a bare git
-        mirror of SonyResearch/MocoSFL), else these two steps are recorded as skipped.
+        (cut 1, N = 1000, M = 100, b = 1, 2 threads each), alternated; ``auto`` precision is bf16 where the
+        CPU multiplies bf16 natively, else fp32. The reference needs ``--ref-python`` (``make ref-venv``: a
+        separate venv with torch, torchvision, kornia, scikit-learn, matplotlib) and ``--mirror`` (a bare git
+        mirror of SonyResearch/MocoSFL), else its two steps are recorded as skipped.
   w16          ``mocosfl bench --profile cpu --clients 100,1000,10000``: simulated vs centralized step.
   distributed  ``mocosfl bench --profile cpu --set distributed.client_hosts=2``: ratio and bytes.
   memory       peak RSS of 20 pretrain steps at N = 10,000, cut 5, width 64: stateless clients, stateful
@@ -43,7 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MOCOSFL = [sys.executable, "-m", "mocosfl"]
 REFERENCE_BENCH = ROOT / "../shared/tools/official-bench/run.py"
-W64 = ["--profile", "cpu", "--clients", "1000", "--set", "model.width=64", "--set", "bench.steps=8"]
+THREADS = ["--set", "pretrain.num_threads=2"]  # the reference bench's --threads 2
+W64 = ["--profile", "cpu", "--clients", "1000", "--set", "model.width=64", "--set", "bench.steps=8", *THREADS]
 MEMORY_RUN = [
     "--profile", "cpu",
     "--set", "partition.num_clients=10000", "--set", "model.cut_layers=5", "--set", "model.width=64",
@@ -61,20 +63,31 @@ class StepFailed(RuntimeError):
     pass
 
 
-def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> float:
+ENV = {**os.environ, "MOCOSFL_NO_PROGRESS": "1"}  # no progress bars in the logs
+
+
+def run_logged(argv: list[str], log_path: Path) -> float:
     """Run ``argv`` from the checkout with its output appended to ``log_path``; its wall seconds."""
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         t0 = time.perf_counter()
-        rc = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV).returncode
     if rc:
         raise StepFailed(f"exit {rc}: {' '.join(argv[:6])} ... (see {log_path})")
     return time.perf_counter() - t0
 
 
+def last_json(log_path: Path, prefix: str = "{") -> dict[str, Any]:
+    """The last line of ``log_path`` that starts with ``prefix``, parsed (stderr shares the log)."""
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.startswith(prefix)]
+    if not lines:
+        raise ValueError(f"no JSON line in {log_path}")
+    return dict(json.loads(lines[-1]))
+
+
 def peak_rss_of(argv: list[str], log_path: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``argv`` and its children, measured from a fresh parent process."""
+    """(wall seconds, peak RSS in MiB) of ``argv`` and its children, measured from a fresh parent process."""
     probe = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         "rc = subprocess.run(sys.argv[1:]).returncode; "
@@ -96,7 +109,7 @@ def step_reference(ctx: dict[str, Any], name: str) -> dict[str, Any]:
     argv += ["--cut", "1", "--steps", "6", "--threads", "2"]
     log_path = ctx["work"] / f"{name}.log"
     run_logged(argv, log_path)
-    data = json.loads(log_path.read_text().splitlines()[-1])  # its last line is JSON
+    data = last_json(log_path)
     return {k: data[k] for k in ("sim_step_s", "central_step_s", "commit", "peak_rss_mb") if k in data}
 
 
@@ -105,6 +118,12 @@ def mocosfl_bench(ctx: dict[str, Any], name: str, args: list[str], file: str = "
     shutil.rmtree(metrics, ignore_errors=True)
     run_logged([*MOCOSFL, "bench", *args, "--set", f"metrics_dir={metrics}"], ctx["work"] / f"{name}.log")
     return list(json.loads((metrics / file).read_text())["results"])
+
+
+def prepare_and_partition(args: list[str], log_path: Path) -> None:
+    """Decode the data set and write the partition a run needs (not part of what is measured)."""
+    for command in ("prepare", "partition"):
+        run_logged([*MOCOSFL, command, *args], log_path)
 
 
 def step_w64(precision: str) -> Callable[[dict[str, Any], str], dict[str, Any]]:
@@ -126,6 +145,7 @@ def step_distributed(ctx: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def step_memory(ctx: dict[str, Any], name: str) -> dict[str, Any]:
+    prepare_and_partition(MEMORY_RUN, ctx["work"] / f"{name}.log")
     rows = []
     for i, (variant, extra) in enumerate(MEMORY_VARIANTS.items()):
         where = ctx["work"] / f"{name}-{i}"
@@ -139,17 +159,21 @@ def step_memory(ctx: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def step_tuning(ctx: dict[str, Any], name: str) -> dict[str, Any]:
+    from pipelines import services
+
     log_path = ctx["work"] / f"{name}.log"
+    st = services.Settings.from_env()
+    ports = (st.pg_port, st.mlflow_port, st.prefect_port)
+    running = [services.port_open(st.host, port) for port in ports]
     run_logged([sys.executable, "-m", "pipelines.services", "start"], log_path)
-    started = "started" in log_path.read_text()  # services already running are left running
     try:
-        study = f"source .services/env && bash scripts/pool.sh deploy && {sys.executable} scripts/bench_pool.py"
+        env_file = st.root / "env"
+        study = f"source {env_file} && bash scripts/pool.sh deploy && {sys.executable} scripts/bench_pool.py"
         run_logged(["bash", "-c", f"set -euo pipefail; {study}"], log_path)
     finally:
-        if started:
+        if not any(running):  # all started here: stop them; services that were running before stay up
             run_logged([sys.executable, "-m", "pipelines.services", "stop"], log_path)
-    line = [ln for ln in log_path.read_text().splitlines() if ln.startswith('{"profile"')][-1]
-    return dict(json.loads(line))
+    return last_json(log_path, '{"profile"')
 
 
 def step_attack(ctx: dict[str, Any], name: str) -> dict[str, Any]:
@@ -158,6 +182,7 @@ def step_attack(ctx: dict[str, Any], name: str) -> dict[str, Any]:
     common = ["--profile", "smoke", "--set", f"pretrain.runs_dir={where}/runs", "--set", f"metrics_dir={where}"]
     common += ["--set", "tracking.enabled=false"]
     log_path = ctx["work"] / f"{name}.log"
+    prepare_and_partition(common, log_path)
     pretrain_s = run_logged([*MOCOSFL, "pretrain", *common], log_path)
     attack_s = run_logged([*MOCOSFL, "attack", *common], log_path)
     result = json.loads((where / "attack.json").read_text())
@@ -167,10 +192,10 @@ def step_attack(ctx: dict[str, Any], name: str) -> dict[str, Any]:
 
 STEPS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "ref-1": step_reference,
-    "w64-bf16-1": step_w64("bf16"),
+    "w64-auto-1": step_w64("auto"),
     "w64-fp32": step_w64("fp32"),
     "ref-2": step_reference,
-    "w64-bf16-2": step_w64("bf16"),
+    "w64-auto-2": step_w64("auto"),
     "w16": step_w16,
     "distributed": step_distributed,
     "memory": step_memory,
@@ -210,6 +235,11 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
+def fmt_gb(mib: float) -> str:
+    """MiB (ru_maxrss / 1024, torch's and costs.peak_rss_mb's unit) as GB = 10^9 bytes, README's unit."""
+    return f"{mib * 2**20 / 1e9:.2f} GB"
+
+
 def markdown(record: dict[str, Any]) -> str:
     m, p, s = record["machine"], record["provenance"], record["steps"]
     lines = [
@@ -218,7 +248,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"- Measured: {record['started']} – {record['finished']} UTC, one sitting, steps in the order below.",
         f"- Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags']) or 'none of note'}; "
         f"torch {m['torch']}.",
-        f"- Code: {p['code_line']}.",  # the results tables' format: tests/test_freshness.py reads both
+        f"- Code: {p['code_line']}.",  # the results tables' header format
         "- Written by `make evidence` (`scripts/evidence.py`); raw numbers in `evidence.json`.",
         "",
     ]
@@ -226,27 +256,28 @@ def markdown(record: dict[str, Any]) -> str:
     def ok(name: str) -> bool:
         return name in s and "skipped" not in s[name] and "error" not in s[name]
 
-    w64 = [n for n in ("ref-1", "w64-bf16-1", "w64-fp32", "ref-2", "w64-bf16-2") if n in s]
+    w64 = [n for n in ("ref-1", "w64-auto-1", "w64-fp32", "ref-2", "w64-auto-2") if n in s]
     if w64:
         refs = [s[n]["sim_step_s"] for n in ("ref-1", "ref-2") if ok(n)]
         ref = mean(refs) if refs else None
         lines += [
             "## Against the reference code (width 64, cut 1, N = 1000, M = 100, b = 1, K = 6000, 2 threads)",
             "",
-            "| step (in order) | sim step (median) | central step | reference ÷ this | GFLOP/s |",
-            "|---|---|---|---|---|",
+            "| step (in order) | precision | sim step (median) | central step | reference ÷ this | GFLOP/s |",
+            "|---|---|---|---|---|---|",
         ]
         for n in w64:
             r = s[n]
             if not ok(n):
-                lines.append(f"| {n} | {r.get('skipped') or r.get('error')} | | | |")
+                lines.append(f"| {n} | {r.get('skipped') or r.get('error')} | | | | |")
                 continue
             vs = f"{ref / r['sim_step_s']:.2f}×" if ref else "—"
             gf = f"{r['gflops']:.0f}" if "gflops" in r else "—"
-            lines.append(f"| {n} | {r['sim_step_s']:.3f} s | {r['central_step_s']:.3f} s | {vs} | {gf} |")
-        bf16 = [s[n]["sim_step_s"] for n in ("w64-bf16-1", "w64-bf16-2") if ok(n)]
-        if ref and bf16:
-            lines += ["", f"Mean of the reference runs ÷ mean of the bf16 runs: **{ref / mean(bf16):.2f}×**."]
+            prec = r.get("precision", "fp32 (reference)")
+            lines.append(f"| {n} | {prec} | {r['sim_step_s']:.3f} s | {r['central_step_s']:.3f} s | {vs} | {gf} |")
+        auto = [s[n]["sim_step_s"] for n in ("w64-auto-1", "w64-auto-2") if ok(n)]
+        if ref and auto:
+            lines += ["", f"Mean of the reference runs ÷ mean of the `auto` runs: **{ref / mean(auto):.2f}×**."]
         lines.append("")
     if ok("w16"):
         lines += [
@@ -258,12 +289,14 @@ def markdown(record: dict[str, Any]) -> str:
         for r in s["w16"]["rows"]:
             lines.append(
                 f"| {r['num_clients']:,} | {fmt_ms(r['sim_step_s'])} | {fmt_ms(r['central_step_s'])} | "
-                f"{r['ratio']:.3f} | {r['peak_rss_mb'] / 1000:.2f} GB | {r['sync_ms']:.2f} ms | {r['precision']} |"
+                f"{r['ratio']:.3f} | {fmt_gb(r['peak_rss_mb'])} | {r['sync_ms']:.2f} ms | {r['precision']} |"
             )
         lines.append("")
     if ok("distributed"):
         r = s["distributed"]
         inproc = ", ".join(fmt_ms(x) for x in r["in_process_step_s"])
+        wire = "not readable" if r["wire_bytes_per_step"] is None else f"{r['wire_bytes_per_step'] / 1e6:.2f} MB"
+        vs = "" if r["wire_vs_accounting"] is None else f" ({r['wire_vs_accounting']:.3f})"
         lines += [
             f"## Distributed vs in-process (width {r['width']}, N = {r['num_clients']:,}, {r['client_hosts']} client "
             f"hosts, {r['precision']})",
@@ -272,8 +305,7 @@ def markdown(record: dict[str, Any]) -> str:
             "client hosts | own memory added: server, client hosts |",
             "|---|---|---|---|---|---|",
             f"| {inproc} | {fmt_ms(r['distributed_step_s'])} | {r['distributed_ratio']:.3f} | "
-            f"{r['wire_bytes_per_step'] / 1e6:.2f} MB / {r['accounted_bytes_per_step'] / 1e6:.2f} MB "
-            f"({r['wire_vs_accounting']:.3f}) | {r['server_peak_rss_mb']:.0f} MB, "
+            f"{wire} / {r['accounted_bytes_per_step'] / 1e6:.2f} MB{vs} | {r['server_peak_rss_mb']:.0f} MB, "
             f"{', '.join(f'{x:.0f}' for x in r['client_host_peak_rss_mb'])} MB | "
             f"{r['server_anon_rss_added_mb']:.0f} MB, "
             f"{', '.join(f'{x:.0f}' for x in r['client_host_anon_rss_added_mb'])} MB |",
@@ -287,7 +319,7 @@ def markdown(record: dict[str, Any]) -> str:
             "|---|---|---|",
         ]
         for r in s["memory"]["rows"]:
-            lines.append(f"| {r['clients']} | {r['peak_rss_mb'] / 1000:.2f} GB | {r['wall_s']:.0f} s |")
+            lines.append(f"| {r['clients']} | {fmt_gb(r['peak_rss_mb'])} | {r['wall_s']:.0f} s |")
         lines.append("")
     if ok("tuning"):
         r = s["tuning"]
@@ -363,6 +395,8 @@ def main() -> int:
         result["step_wall_s"] = round(time.perf_counter() - t0, 1)
         record["steps"][name] = result
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {result.get('error', 'done')} ({result['step_wall_s']} s)")
+        # Kept after every step, so an interrupted sitting keeps what it measured (in the work folder).
+        (args.work / "evidence-partial.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     record["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evidence.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

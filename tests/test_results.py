@@ -179,7 +179,12 @@ def test_rows_run_per_seed_and_cache_each_seed(suite, monkeypatch) -> None:
     cfg, _, _, _, _ = suite
     two = [Row("MocoSFL", "mocosfl", "method", curve=True), Row("random init", "random", "method")]
     monkeypatch.setitem(SUITES, "two", two)
-    out = R.run_suite(cfg, "two", log=lambda s: None, seeds=2)
+
+    def no_estimate(*a, **k):
+        raise AssertionError("estimate=False (--no-estimate) still timed steps")
+
+    monkeypatch.setattr(rows, "estimate", no_estimate)
+    out = R.run_suite(cfg, "two", log=lambda s: None, seeds=2, estimate=False)
     assert (out["ran"], out["rows"], out["runs"]) == (2, 2, 4)
     lines = _rows(out["csv"])
     assert [(r["label"], r["seed"], r["seeds"]) for r in lines] == [
