@@ -279,6 +279,16 @@ def claims(table: list[dict[str, Any]]) -> list[str]:
                 MATCH_POINTS,
             )
         )
+    alone = by.get("FL-MoCo, MocoSFL's clients and batch")
+    if sfl and alone:
+        out.append(
+            compare(
+                "Vector concatenation at batch 1: MocoSFL (the participants' batch-1 activations in one server "
+                "batch) beats FL-MoCo on the same clients and batch (each client a batch of 1 on its own)",
+                sfl,
+                alone,
+            )
+        )
     if sfl and fl:
         out.append(compare("MocoSFL beats FL-MoCo at the same images seen", sfl, fl))
     if sfl and rnd:

@@ -341,6 +341,7 @@ def test_claims_state_support_its_absence_and_unresolved() -> None:
         _row("MocoSFL, sync every step", 59.0, None),
         _row("MocoSFL, sync every 10", 60.0, None),
         _row("MocoSFL, never sync", 61.0, None),
+        _row("FL-MoCo, MocoSFL's clients and batch", 40.0, None),
     ]
     text = "\n".join(R.claims(entries))
     assert (
@@ -352,5 +353,6 @@ def test_claims_state_support_its_absence_and_unresolved() -> None:
         "beats never: **not resolved (one seed)** — MocoSFL, sync every 10 60.00 vs MocoSFL, never sync 61.00" in text
     )
     assert "MocoSFL beats FL-MoCo at the same images seen: **supported**" in text
+    assert "each client a batch of 1 on its own): **not resolved (one seed)** — MocoSFL 60.00 ± 0.50 vs" in text
     assert "random-init floor: **not resolved at this budget**" in text and "(250x less)" in text
     assert R.claims([_row("MocoSFL", 60.0, 0.5)]) == []
