@@ -85,6 +85,57 @@ def output_stem(cfg: Config, suite: str) -> str:
     return name if suite == default_suite(cfg.profile) else f"{name}-{suite}"
 
 
+def records_path(cfg: Config, suite: str) -> Path:
+    """``<out_dir>/<stem>.runs.json``: the finished runs behind a table, one entry per run key.
+
+    Committed beside the cpu tables, so every figure can be traced to its run's record, and a
+    regeneration spread over several machines or sessions resumes from the runs already finished
+    (the results cache under ``runs_dir`` is local and not versioned).
+    """
+    return Path(cfg.report.out_dir) / f"{output_stem(cfg, suite)}.runs.json"
+
+
+def restore_records(records: Path, cache: Path, keys: set[str]) -> int:
+    """Copy into the results cache each run of ``keys`` that the records file holds and the cache lacks.
+
+    A record is found by its run key, which hashes the resolved config and the training code, so a
+    record from other code or another config is never read as this run's. Returns how many were copied.
+    """
+    if not records.exists():
+        return 0
+    try:
+        saved = json.loads(records.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{records} is not a readable run-record file ({e}): fix or delete it") from e
+    copied = 0
+    for key in sorted(keys & set(saved)):
+        path = cache / f"{key}.json"
+        if not path.exists() and saved[key].get("key") == key:
+            write_json(path, saved[key])
+            copied += 1
+    return copied
+
+
+def save_records(records: Path, cache: Path, keys: set[str]) -> None:
+    """Write the records file: the cached entries of ``keys`` plus earlier records of the same training code.
+
+    Records of other training code are dropped: their keys can never match again.
+    """
+    saved: dict[str, Any] = {}
+    if records.exists():
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads(records.read_text())
+    code = identity.code_hash()
+    kept = {k: v for k, v in saved.items() if isinstance(v, dict) and v.get("code_hash") == code}
+    for key in keys:
+        path = cache / f"{key}.json"
+        if path.exists():
+            kept[key] = json.loads(path.read_text())
+    if kept or records.exists():
+        records.parent.mkdir(parents=True, exist_ok=True)
+        write_json(records, kept)
+
+
 def _f(x: Any, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
@@ -658,6 +709,10 @@ def run_suite(
     unique: dict[str, rows.Resolved] = {}
     for r in resolved:
         unique.setdefault(r.key, r)
+    records = records_path(cfg, suite)
+    restored = restore_records(records, cache, set(unique))
+    if restored:
+        log(f"{restored} finished run(s) restored from {records}")
     todo = [r for r in unique.values() if not (cache / f"{r.key}.json").exists()]
     log(
         f"suite '{suite}', profile '{cfg.profile}': {len(counts)} rows, {len(resolved)} runs over their seeds, "
@@ -688,6 +743,7 @@ def run_suite(
                 log(f"[{i}/{len(resolved)}] {name} ({r.row.method})")
                 entry = rows.run_row(r, log, on_row=history.append)
                 write_json(path, entry)
+                save_records(records, cache, {r.key})
             done[r.key] = entry
             # The seed from the resolved config: cached entries from before seeds were recorded lack it.
             entry = {**entry, "label": r.row.label, "group": r.row.group, "curve": r.row.curve, "seed": r.cfg.seed}
@@ -701,6 +757,7 @@ def run_suite(
                 _log_row_mlflow(r, entry, history, cached, suite, name)
             entries.append(entry)
 
+        save_records(records, cache, set(unique))
         out_dir = Path(cfg.report.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = output_stem(cfg, suite)

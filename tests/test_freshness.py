@@ -13,6 +13,8 @@ While a regeneration is under way, skip them with ``MOCOSFL_ALLOW_STALE_RESULTS=
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -80,6 +82,22 @@ def test_readme_results_name_this_training_code() -> None:
     assert named == {identity.code_hash()}, (
         f"README 'Results' names training-code hash(es) {sorted(named)}; the code here is {identity.code_hash()}"
     )
+
+
+@allow_stale
+@pytest.mark.parametrize("path", COMMITTED)
+def test_committed_table_has_its_run_records(path: str) -> None:
+    """Every run behind a table is in its committed ``.runs.json``, recorded by this training code."""
+    table = ROOT / path
+    with table.with_suffix(".csv").open() as f:
+        keys = {line["key"] for line in csv.DictReader(f)}
+    records_file = table.with_suffix(".runs.json")
+    assert records_file.exists(), f"{records_file.name} is missing: `make results` writes it beside {table.name}"
+    records = json.loads(records_file.read_text())
+    missing = sorted(keys - set(records))
+    assert not missing, f"{records_file.name} lacks the runs {missing} of {table.name}"
+    stale = sorted(k for k in keys if records[k].get("code_hash") != identity.code_hash())
+    assert not stale, f"{records_file.name}: runs {stale} are from other training code than {identity.code_hash()}"
 
 
 def test_header_parsing_tells_fresh_from_stale_and_dirty() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -198,6 +199,26 @@ def test_rows_run_per_seed_and_cache_each_seed(suite, monkeypatch) -> None:
     md = Path(out["markdown"]).read_text()
     assert f"| {(a + b) / 2:.2f} ± {abs(a - b) / 2**0.5:.2f} |" in md
     assert R.run_suite(cfg, "two", log=lambda s: None, seeds=2)["ran"] == 0
+
+    # The run records beside the table restore a lost results cache (another machine or session):
+    # nothing runs again and the table is the same; a record of other training code is dropped.
+    records = R.records_path(cfg, "two")
+    saved = json.loads(records.read_text())
+    assert sorted(saved) == sorted(r["key"] for r in lines)
+    saved["from-old-code"] = {**saved[lines[0]["key"]], "key": "from-old-code", "code_hash": "0" * 12}
+    records.write_text(json.dumps(saved))
+    for r in lines:  # this suite's runs only: the module's other tests read the main suite's from the cache
+        (rows.results_dir(cfg) / f"{r['key']}.json").unlink()
+    log: list[str] = []
+    again = R.run_suite(cfg, "two", log=log.append, seeds=2)
+    assert again["ran"] == 0
+    assert any(line.startswith("4 finished run(s) restored from") for line in log)
+    assert _rows(again["csv"]) == lines
+    assert sorted(json.loads(records.read_text())) == sorted(r["key"] for r in lines)
+    records.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable run-record file"):
+        R.run_suite(cfg, "two", log=lambda s: None, seeds=2)
+    records.unlink()
     with pytest.raises(ConfigError, match="--seeds 0 is invalid"):
         R.run_suite(cfg, "two", seeds=0)
 
