@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import platform
 import statistics
 import sys
 import time
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mocosfl import runtime
+from mocosfl import precision, runtime
 from mocosfl.baselines.central import CentralMoco
 from mocosfl.config import Config
 from mocosfl.costs import count_flops, peak_rss_mb
@@ -31,6 +33,27 @@ from mocosfl.seeding import Stream, torch_generator
 from mocosfl.sfl.trainer import MocoSFLTrainer, resolve_device
 
 logger = logging.getLogger(__name__)
+
+# The CPU features that decide which kernels (and so speed, and bf16 support) a timing had.
+TIMING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform``'s names where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_line() -> str:
+    """What a timing was measured on: ``<model>, <cores> cores (<flags>)``, flags from ``TIMING_FLAGS``."""
+    flags = [f for f in TIMING_FLAGS if f in precision.cpu_flags()]
+    return f"{cpu_model()}, {os.cpu_count()} cores ({' '.join(flags) or 'none of ' + '/'.join(TIMING_FLAGS)})"
+
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)

@@ -21,7 +21,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from mocosfl import identity
+from mocosfl.bench import cpu_line
 from mocosfl.config import Config, ConfigError, portable
 from mocosfl.experiments import rows
 from mocosfl.experiments.rows import default_suite
@@ -377,10 +377,19 @@ def code_line(root: Path = identity.PACKAGE.parent) -> str:
     return f"git {sha}{dirty}; training-code hash {identity.code_hash()} (`mocosfl --version`)"
 
 
+def measured_on(entries: list[dict[str, Any]]) -> str:
+    """The CPUs the distinct runs ran on (each run records its own), with how many runs each."""
+    runs = {x["key"]: x.get("machine") or "not recorded (run cached before runs recorded their CPU)" for x in entries}
+    counts: dict[str, int] = {}
+    for cpu in runs.values():
+        counts[cpu] = counts.get(cpu, 0) + 1
+    return "; ".join(f"{cpu}: {n} run(s)" for cpu, n in counts.items()) if counts else "no runs"
+
+
 def header_lines(cfg: Config, suite: str, entries: list[dict[str, Any]], suite_seconds: float) -> list[str]:
     """A results page's title and provenance, budget, seeds and wall-time lines."""
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine = f"{platform.platform()}, {cpu_line()}, torch {torch.__version__}"
     table = aggregate(entries)
     trained = [e for e in table if e["steps"]]
     budget = (
@@ -402,6 +411,7 @@ def header_lines(cfg: Config, suite: str, entries: list[dict[str, Any]], suite_s
         "over them, a plain number for one seed.",
         f"- Evaluation: kNN (k={e.knn_k}) on the full train/test split, linear probe {e.linear_epochs} epochs "
         "(epoch chosen on a validation split of train).",
+        f"- Runs measured on: {measured_on(entries)}.",
         f"- Wall time: {sum(runs.values()) / 60:.1f} min, the sum of the {len(runs)} distinct runs' measured "
         "training + evaluation times (each row's mean per run in the table), whenever they ran; this invocation "
         f"took {suite_seconds / 60:.1f} min (finished runs are read from the cache).",
@@ -602,7 +612,7 @@ def run_on_pool_worker(
         entry, cached = json.loads(path.read_text()), True
     else:
         log(f"{label}, seed {r.cfg.seed} ({r.row.method})")
-        entry, cached = rows.run_row(r, log, on_row=history.append), False
+        entry, cached = {**rows.run_row(r, log, on_row=history.append), "machine": cpu_line()}, False
         write_json(path, entry)
     if tracking.enabled(cfg):
         _log_row_mlflow(r, entry, history, cached, suite, name, parent_run_id=parent_run_id, entry_file=path)
@@ -741,7 +751,7 @@ def run_suite(
                 entry = json.loads(path.read_text())
             else:
                 log(f"[{i}/{len(resolved)}] {name} ({r.row.method})")
-                entry = rows.run_row(r, log, on_row=history.append)
+                entry = {**rows.run_row(r, log, on_row=history.append), "machine": cpu_line()}
                 write_json(path, entry)
                 save_records(records, cache, {r.key})
             done[r.key] = entry

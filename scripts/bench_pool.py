@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -21,16 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted({f for f in line.split(":", 1)[1].split() if f in ("avx2", "avx512f", "avx512_bf16")})
-    except OSError:
-        pass
-    return []
 
 
 def start_workers(count: int, threads: int, tag: str) -> list[subprocess.Popen]:
@@ -110,7 +99,10 @@ def main() -> None:
             stop_workers(procs)
         print(f"{tag}: {out[tag]}", file=sys.stderr)
     out["speedup_2x1_over_1x2"] = round(out["1x2"]["seconds"] / out["2x1"]["seconds"], 2)
-    out["cpu"] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags()}
+    from mocosfl.bench import TIMING_FLAGS, cpu_model
+    from mocosfl.precision import cpu_flags
+
+    out["cpu"] = {"model": cpu_model(), "cores": os.cpu_count(), "flags": [f for f in TIMING_FLAGS if f in cpu_flags()]}
     print(json.dumps(out))
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -208,20 +207,13 @@ STEPS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
 
 
 def machine() -> dict[str, Any]:
-    from mocosfl.precision import cpu_flags
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
-    return {"cpu": model, "cores": os.cpu_count(), "flags": flags, "torch": torch.__version__}
+    from mocosfl.bench import TIMING_FLAGS, cpu_model
+    from mocosfl.precision import cpu_flags
+
+    flags = [f for f in TIMING_FLAGS if f in cpu_flags()]
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": flags, "torch": torch.__version__}
 
 
 def provenance() -> dict[str, Any]:

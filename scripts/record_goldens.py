@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -25,20 +24,11 @@ THREADS = 2
 
 def cpu_signature() -> str:
     """Model name and the SIMD flags that change float results (oneDNN picks kernels by them)."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    keep = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    return f"{model} [{' '.join(keep)}] torch {torch.__version__} threads {THREADS}"
+    from mocosfl.bench import cpu_model
+    from mocosfl.precision import cpu_flags
+
+    keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    return f"{cpu_model()} [{' '.join(keep)}] torch {torch.__version__} threads {THREADS}"
 
 
 def record(profile: str, method: str, work: Path) -> dict:

@@ -15,6 +15,7 @@ import pytest
 from conftest import PARAMS, cli_args
 
 from mocosfl import identity
+from mocosfl.bench import cpu_line
 from mocosfl.config import ConfigError, load_config
 from mocosfl.experiments import rows
 from mocosfl.experiments.suites import MAIN, SUITES, Row
@@ -71,7 +72,7 @@ def test_main_suite_runs_every_method(suite) -> None:
     assert float(fl["client_flops_per_image"]) > 50 * float(by["MocoSFL"]["client_flops_per_image"])
     assert float(fl["bytes_per_client"]) > float(by["MocoSFL"]["bytes_per_client"]) > 0
     md = Path(out["markdown"]).read_text()
-    assert "profile `test`" in md and "torch" in md and "CPUs" in md
+    assert "profile `test`" in md and "torch" in md and f"- Runs measured on: {cpu_line()}: 10 run(s)." in md
     assert f"training-code hash {identity.code_hash()}" in md and "| distinct clients | distinct images | seeds |" in md
     assert md.count("\n| ") == len(rows) + 1 and "## The paper's qualitative claims at this budget" in md
     assert "![results-test-probe.png](results-test-probe.png)" in md
@@ -205,6 +206,7 @@ def test_rows_run_per_seed_and_cache_each_seed(suite, monkeypatch) -> None:
     records = R.records_path(cfg, "two")
     saved = json.loads(records.read_text())
     assert sorted(saved) == sorted(r["key"] for r in lines)
+    assert {v["machine"] for v in saved.values()} == {cpu_line()}  # each run records the CPU it ran on
     saved["from-old-code"] = {**saved[lines[0]["key"]], "key": "from-old-code", "code_hash": "0" * 12}
     records.write_text(json.dumps(saved))
     for r in lines:  # this suite's runs only: the module's other tests read the main suite's from the cache
