@@ -4,7 +4,8 @@ Each results table's header names the training-code hash (``mocosfl --version``)
 produced it, and README "Results" names the hash its figures were measured at. These tests fail when
 any of them names another hash than the code's own, so a change to training code cannot leave the
 committed numbers stale unnoticed: regenerate them (README "Results": ``make results`` for each suite)
-in the same change. The tables must also come from one commit: once every suite's runs are cached,
+in the same change. So must ``reports/evidence.md`` (``make evidence``), and each table's ``.runs.json``
+must hold every run behind it. The tables must also come from one commit: once every suite's runs are cached,
 running the three suites again at the final commit rewrites them in minutes.
 
 While a regeneration is under way, skip them with ``MOCOSFL_ALLOW_STALE_RESULTS=1 make test`` (or
@@ -26,6 +27,8 @@ from mocosfl import identity
 ROOT = Path(__file__).resolve().parents[1]
 # The committed results tables README "Results" is written from.
 COMMITTED = ["reports/results-cpu.md", "reports/results-cpu-long.md", "reports/results-cpu-privacy.md"]
+# README's speed, memory, distributed, tuning and attack figures (`make evidence`): same training code as the tables.
+EVIDENCE = "reports/evidence.md"
 FIGURE = re.compile(r"(?<![\d.])\d+\.\d\d(?![\d])")  # a two-decimal figure, whole (not 1.73 in 41.73)
 CODE_LINE = re.compile(r"^- Code: git (\S+?)(;| \*\*dirty\*\*)(.*)$", re.MULTILINE)
 HASH = re.compile(r"training-code\s+hash\s+([0-9a-f]{12})")  # README wraps lines anywhere
@@ -58,8 +61,9 @@ def readme_results_section(text: str) -> str:
 
 
 @allow_stale
-@pytest.mark.parametrize("path", COMMITTED)
+@pytest.mark.parametrize("path", [*COMMITTED, EVIDENCE])
 def test_committed_table_is_from_this_training_code(path: str) -> None:
+    assert (ROOT / path).exists(), f"{path} is missing: regenerate it (README 'Results')"
     text = (ROOT / path).read_text()
     commit, dirty, code = header_provenance(text)
     assert not dirty, f"{path} was written by uncommitted training code (git {commit}, dirty): regenerate it"
