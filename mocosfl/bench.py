@@ -50,9 +50,13 @@ def cpu_model() -> str:
 
 
 def cpu_line() -> str:
-    """What a timing was measured on: ``<model>, <cores> cores (<flags>)``, flags from ``TIMING_FLAGS``."""
+    """What a timing was measured on: ``<model>, <n> cores (<flags>)``, flags from ``TIMING_FLAGS``.
+
+    Cores are the logical CPUs this process may run on (its affinity), not the host's count.
+    """
     flags = [f for f in TIMING_FLAGS if f in precision.cpu_flags()]
-    return f"{cpu_model()}, {os.cpu_count()} cores ({' '.join(flags) or 'none of ' + '/'.join(TIMING_FLAGS)})"
+    named = " ".join(flags) or "none of " + "/".join(TIMING_FLAGS)
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores ({named})"
 
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

@@ -95,18 +95,27 @@ def records_path(cfg: Config, suite: str) -> Path:
     return Path(cfg.report.out_dir) / f"{output_stem(cfg, suite)}.runs.json"
 
 
-def restore_records(records: Path, cache: Path, keys: set[str]) -> int:
-    """Copy into the results cache each run of ``keys`` that the records file holds and the cache lacks.
-
-    A record is found by its run key, which hashes the resolved config and the training code, so a
-    record from other code or another config is never read as this run's. Returns how many were copied.
-    """
+def load_records(records: Path) -> dict[str, dict[str, Any]]:
+    """A run-record file's ``{run key: entry}`` ({} when there is none); a clear error when it is unreadable."""
     if not records.exists():
-        return 0
+        return {}
     try:
         saved = json.loads(records.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{records} is not a readable run-record file ({e}): fix or delete it") from e
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise ConfigError(f"{records} is not a run-record file (an object of run key -> entry): fix or delete it")
+    return saved
+
+
+def restore_records(records: Path, cache: Path, keys: set[str]) -> int:
+    """Copy into the results cache each run of ``keys`` that the records file holds and the cache lacks.
+
+    A record is found by its run key, which hashes the resolved config, the data and the training code,
+    so a record from other code or another config is never read as this run's; a record whose own key
+    differs from the one it is filed under is not read either. Returns how many were copied.
+    """
+    saved = load_records(records)
     copied = 0
     for key in sorted(keys & set(saved)):
         path = cache / f"{key}.json"
@@ -116,23 +125,20 @@ def restore_records(records: Path, cache: Path, keys: set[str]) -> int:
     return copied
 
 
-def save_records(records: Path, cache: Path, keys: set[str]) -> None:
-    """Write the records file: the cached entries of ``keys`` plus earlier records of the same training code.
+def save_records(records: Path, cache: Path, keys: set[str], final: bool = False) -> None:
+    """Write the records file from the results cache's entries of ``keys``.
 
-    Records of other training code are dropped: their keys can never match again.
+    While a suite runs (``final=False``) earlier records of the same training code are kept too, so a
+    partial regeneration loses nothing; the suite's last write (``final=True``) keeps exactly ``keys``,
+    the runs behind the table. Records of other training code are dropped: their keys cannot match again.
     """
-    saved: dict[str, Any] = {}
-    if records.exists():
-        with contextlib.suppress(OSError, ValueError):
-            saved = json.loads(records.read_text())
     code = identity.code_hash()
-    kept = {k: v for k, v in saved.items() if isinstance(v, dict) and v.get("code_hash") == code}
+    kept = {} if final else {k: v for k, v in load_records(records).items() if v.get("code_hash") == code}
     for key in keys:
         path = cache / f"{key}.json"
         if path.exists():
             kept[key] = json.loads(path.read_text())
     if kept or records.exists():
-        records.parent.mkdir(parents=True, exist_ok=True)
         write_json(records, kept)
 
 
@@ -403,7 +409,7 @@ def header_lines(cfg: Config, suite: str, entries: list[dict[str, Any]], suite_s
     return [
         f"# Results: suite `{suite}`, profile `{cfg.profile}`",
         "",
-        f"- Date: {date}; machine: {machine}.",
+        f"- Date: {date}; written on: {machine}.",
         f"- Code: {code_line()}.",
         f"- Budget: {budget}; ResNet-18 width {cfg.model.width}.",
         f"- Seeds: a row's runs use seeds {cfg.seed}, {cfg.seed + 1}, … (column `seeds`, up to {most} here), each "
@@ -738,7 +744,10 @@ def run_suite(
         pooled: set[str] = set()
         if executor == "pool" and todo:
             names = {r.key: _row_name(r, counts[r.row.label]) for r in reversed(resolved)}  # a key's first row
-            pooled = _run_on_pool(cfg, suite, todo, names, parent.info.run_id if track else None, log)
+            try:
+                pooled = _run_on_pool(cfg, suite, todo, names, parent.info.run_id if track else None, log)
+            finally:  # what the pool finished is recorded even when a run failed or the wait was interrupted
+                save_records(records, cache, set(unique))
         done: dict[str, dict[str, Any]] = {}
         for i, r in enumerate(resolved, 1):
             path = cache / f"{r.key}.json"
@@ -767,7 +776,7 @@ def run_suite(
                 _log_row_mlflow(r, entry, history, cached, suite, name)
             entries.append(entry)
 
-        save_records(records, cache, set(unique))
+        save_records(records, cache, set(unique), final=True)
         out_dir = Path(cfg.report.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = output_stem(cfg, suite)

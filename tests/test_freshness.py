@@ -94,7 +94,8 @@ def test_committed_table_has_its_run_records(path: str) -> None:
     """Every run behind a table is in its committed ``.runs.json``, recorded by this training code."""
     table = ROOT / path
     with table.with_suffix(".csv").open() as f:
-        keys = {line["key"] for line in csv.DictReader(f)}
+        lines = list(csv.DictReader(f))
+    keys = {line["key"] for line in lines}
     records_file = table.with_suffix(".runs.json")
     assert records_file.exists(), f"{records_file.name} is missing: `make results` writes it beside {table.name}"
     records = json.loads(records_file.read_text())
@@ -102,6 +103,11 @@ def test_committed_table_has_its_run_records(path: str) -> None:
     assert not missing, f"{records_file.name} lacks the runs {missing} of {table.name}"
     stale = sorted(k for k in keys if records[k].get("code_hash") != identity.code_hash())
     assert not stale, f"{records_file.name}: runs {stale} are from other training code than {identity.code_hash()}"
+    for line in lines:  # the table's figures are its records' (not a record rewritten by another machine's cache)
+        for metric in ("knn_top1", "linear_probe_top1"):
+            assert float(line[metric]) == pytest.approx(records[line["key"]][metric], abs=1e-6), (
+                f"{table.name}: {line['label']} seed {line['seed']} {metric} {line[metric]} differs from its record"
+            )
 
 
 def test_header_parsing_tells_fresh_from_stale_and_dirty() -> None:

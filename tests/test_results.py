@@ -209,7 +209,7 @@ def test_rows_run_per_seed_and_cache_each_seed(suite, monkeypatch) -> None:
     assert {v["machine"] for v in saved.values()} == {cpu_line()}  # each run records the CPU it ran on
     saved["from-old-code"] = {**saved[lines[0]["key"]], "key": "from-old-code", "code_hash": "0" * 12}
     records.write_text(json.dumps(saved))
-    for r in lines:  # this suite's runs only: the module's other tests read the main suite's from the cache
+    for r in lines:  # seed 0 is also the main suite's run: the restore below puts it back for the other tests
         (rows.results_dir(cfg) / f"{r['key']}.json").unlink()
     log: list[str] = []
     again = R.run_suite(cfg, "two", log=log.append, seeds=2)
@@ -217,12 +217,38 @@ def test_rows_run_per_seed_and_cache_each_seed(suite, monkeypatch) -> None:
     assert any(line.startswith("4 finished run(s) restored from") for line in log)
     assert _rows(again["csv"]) == lines
     assert sorted(json.loads(records.read_text())) == sorted(r["key"] for r in lines)
+    saved = records.read_text()
     records.write_text("{not json")
     with pytest.raises(ConfigError, match="not a readable run-record file"):
         R.run_suite(cfg, "two", log=lambda s: None, seeds=2)
-    records.unlink()
+    records.write_text(saved)
     with pytest.raises(ConfigError, match="--seeds 0 is invalid"):
         R.run_suite(cfg, "two", seeds=0)
+
+
+def test_run_records_are_read_by_key_and_checked(tmp_path) -> None:
+    """Only a record filed under its own key is restored, never over a cached run; a malformed file is an error."""
+    records, cache = tmp_path / "t.runs.json", tmp_path / "cache"
+    code = identity.code_hash()
+    good, moved = {"key": "aaa", "code_hash": code, "x": 1}, {"key": "zzz", "code_hash": code, "x": 2}
+    records.write_text(json.dumps({"aaa": good, "bbb": moved}))
+    assert R.restore_records(records, cache, {"aaa", "bbb", "ccc"}) == 1
+    assert json.loads((cache / "aaa.json").read_text()) == good and not (cache / "bbb.json").exists()
+    assert R.restore_records(records, cache, {"aaa"}) == 0  # already cached: the cache is not overwritten
+    # While a suite runs, other records of this code are kept and those of other code dropped; the final
+    # write keeps exactly the suite's runs.
+    records.write_text(json.dumps({"aaa": good, "old": {"key": "old", "code_hash": "0" * 12}, "bbb": moved}))
+    R.save_records(records, cache, {"aaa"})
+    assert sorted(json.loads(records.read_text())) == ["aaa", "bbb"]
+    R.save_records(records, cache, {"aaa"}, final=True)
+    assert sorted(json.loads(records.read_text())) == ["aaa"]
+    for bad in ("[1, 2]", '{"aaa": "not an entry"}', "null"):
+        records.write_text(bad)
+        with pytest.raises(ConfigError, match="is not a run-record file"):
+            R.restore_records(records, cache, {"aaa"})
+        with pytest.raises(ConfigError, match="is not a run-record file"):
+            R.save_records(records, cache, {"aaa"})
+        assert records.read_text() == bad  # nothing overwritten
 
 
 def _run(label: str, probe: float, seed: int = 0, **extra: object) -> dict:
