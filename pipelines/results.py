@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,8 @@ from mocosfl.experiments import rows
 from mocosfl.experiments.rows import default_suite
 from mocosfl.experiments.suites import SUITES
 from mocosfl.io import atomic_path, write_json, write_text
+from mocosfl.precision import resolve_precision
+from mocosfl.sfl.trainer import resolve_device
 from pipelines import lock, pool, privacy_table, tracking
 
 # "MocoSFL matches centralized MoCo" when its linear probe is at most this many points below.
@@ -383,12 +386,25 @@ def code_line(root: Path = identity.PACKAGE.parent) -> str:
     return f"git {sha}{dirty}; training-code hash {identity.code_hash()} (`mocosfl --version`)"
 
 
+def run_here(
+    r: rows.Resolved, log: Callable[[str], None], on_row: Callable[[dict[str, float]], None]
+) -> dict[str, Any]:
+    """Train and evaluate one resolved run on this machine: its entry, with the CPU it ran on and the precision
+    its forward passes computed in (``auto`` resolves per machine: bf16 where the CPU has native bf16)."""
+    entry = {**rows.run_row(r, log, on_row=on_row), "machine": cpu_line()}
+    if r.row.method != "random":  # random init trains nothing
+        entry["precision"] = resolve_precision(r.cfg.pretrain.precision, resolve_device(r.cfg.device), r.row.method)
+    return entry
+
+
 def measured_on(entries: list[dict[str, Any]]) -> str:
-    """The CPUs the distinct runs ran on (each run records its own), with how many runs each."""
-    runs = {x["key"]: x.get("machine") or "not recorded (run cached before runs recorded their CPU)" for x in entries}
-    counts: dict[str, int] = {}
-    for cpu in runs.values():
-        counts[cpu] = counts.get(cpu, 0) + 1
+    """The CPUs the distinct runs ran on (each run records its own), with their precision where recorded and
+    how many runs each."""
+    runs = {}
+    for x in entries:
+        cpu = x.get("machine") or "not recorded (run cached before runs recorded their CPU)"
+        runs[x["key"]] = f"{cpu}, {x['precision']}" if x.get("precision") else cpu
+    counts = Counter(runs.values())
     return "; ".join(f"{cpu}: {n} run(s)" for cpu, n in counts.items()) if counts else "no runs"
 
 
@@ -618,7 +634,7 @@ def run_on_pool_worker(
         entry, cached = json.loads(path.read_text()), True
     else:
         log(f"{label}, seed {r.cfg.seed} ({r.row.method})")
-        entry, cached = {**rows.run_row(r, log, on_row=history.append), "machine": cpu_line()}, False
+        entry, cached = run_here(r, log, history.append), False
         write_json(path, entry)
     if tracking.enabled(cfg):
         _log_row_mlflow(r, entry, history, cached, suite, name, parent_run_id=parent_run_id, entry_file=path)
@@ -760,7 +776,7 @@ def run_suite(
                 entry = json.loads(path.read_text())
             else:
                 log(f"[{i}/{len(resolved)}] {name} ({r.row.method})")
-                entry = {**rows.run_row(r, log, on_row=history.append), "machine": cpu_line()}
+                entry = run_here(r, log, history.append)
                 write_json(path, entry)
                 save_records(records, cache, {r.key})
             done[r.key] = entry
