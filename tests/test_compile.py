@@ -22,10 +22,13 @@ def test_only_on_compiles() -> None:
 
 
 def test_compiled_loss_and_grads_match_eager() -> None:
+    # Width 8, not 4: on AVX2-only CPUs oneDNN's 1x1 stride-2 backward-weights kernel is wrong for channels-last
+    # input with fewer than 8 input channels (oneDNN issue #6035), which is what inductor hands it for the
+    # first downsampling shortcut at width 4: measured 2026-12-07, 29.5 vs at most 1.19 in the eager gradient.
     torch.manual_seed(0)
-    _, server = build_split_model(width=4, cut_layers=1, proj_hidden_dim=16, proj_dim=8)
+    _, server = build_split_model(width=8, cut_layers=1, proj_hidden_dim=16, proj_dim=8)
     target = copy.deepcopy(server).requires_grad_(False)
-    h_q, h_k = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    h_q, h_k = torch.randn(6, 8, 8, 8), torch.randn(6, 8, 8, 8)
     queue = torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
 
     def loss_and_grads(fn: torch.nn.Module, fn_target: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -39,4 +42,6 @@ def test_compiled_loss_and_grads_match_eager() -> None:
     compiled_loss, compiled_grads = loss_and_grads(maybe_compile(server, "on"), maybe_compile(target, "on"))
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
     for c, e in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(c, e, rtol=1e-3, atol=5e-5)  # 1.6e-5 seen on a near-zero weight gradient
+        # Float noise scales with the gradient: eager oneDNN vs eager without it already differ by 1.7e-4 on a
+        # weight gradient of magnitude 11.5 (compiled vs eager: <= 3.1e-4), hence atol relative to the largest entry.
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-4 * e.abs().max().item())

@@ -25,12 +25,16 @@ SAME_CPU_RTOL = 1e-6
 # Another CPU or torch picks other float kernels (summation order), and training amplifies the
 # difference step by step. Measured by re-running with oneDNN disabled (test profile) or with 1
 # thread instead of 2 (test and smoke): steps 1-2 moved <= 1.5e-5 relative (the first is a forward
-# pass of the same seeded weights), later steps <= 1.2e-2, kNN top-1 <= 2.4 points. The bounds leave
+# pass of the same seeded weights), later steps <= 1.2e-2, kNN top-1 <= 2.4 points. The loss bounds leave
 # 2-4x margin over that; a behavioural change (a queue, sync or loss bug) moves the losses far more.
+# kNN top-1 of these 8-step runs sits near chance on 200 query images, where two runs whose losses agree
+# to 0.7 % still differ by a few images: an AVX2-only EPYC (CI, 2026-12-02; the same with oneDNN and ATen
+# capped at AVX2 here) gave 17.5 vs the recorded 11.5 for test/flmoco at step 8. The binomial spread of a
+# difference of two such accuracies is 3.6 points (p = 0.15, n = 200), so the bound is 3 of those.
 OTHER_CPU_EARLY_STEPS = 2
 OTHER_CPU_RTOL_EARLY = 1e-3
 OTHER_CPU_RTOL_LATER = 5e-2
-OTHER_CPU_KNN_POINTS = 5.0
+OTHER_CPU_KNN_POINTS = 11.0
 
 
 def _runs() -> list:
@@ -106,7 +110,7 @@ def test_golden_tolerances_can_fail() -> None:
     assert case.startswith("other CPU") and len(off) == 1 and off[0].startswith(f"step {len(want['losses'])}:")
     nan = {**want, "losses": [float("nan")] * len(want["losses"])}
     assert len(golden_differences(nan, want, other)[1]) == len(want["losses"])
-    knn = {**want, "knn": [[s, v + 6.0] for s, v in want["knn"]]}
+    knn = {**want, "knn": [[s, v + 12.0] for s, v in want["knn"]]}
     assert len(golden_differences(knn, want, other)[1]) == len(want["knn"])
     assert golden_differences({**want, "losses": want["losses"][:-1]}, want, here)[0] == "step count"
 

@@ -24,6 +24,7 @@ from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainingDiverged, moco_
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 N_IMG, SIZE, N = 200, 16, 8
+SOFTPLUS = torch.nn.functional.softplus
 IMAGES = np.random.default_rng(0).integers(0, 256, (N_IMG, SIZE, SIZE, 3), dtype=np.uint8)
 LABELS = np.repeat(np.arange(10), N_IMG // 10)
 SHARDS = partition_indices(LABELS, "noniid-shards", N, seed=0)  # 8 clients x 24 images
@@ -156,9 +157,12 @@ def test_each_client_trains_on_its_own_shard(monkeypatch: pytest.MonkeyPatch) ->
 def test_two_split_steps_equal_end_to_end_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-client plain modules, backprop straight through server + client, torch SGD everywhere."""
     # The stacked clients' grouped convolutions round differently from per-client ones (~1e-8 after a
-    # step). At seed 0 that moves a layer-4 ReLU input of 1.3e-6 across zero in step 2, which changes
-    # one server weight gradient by 4.5 %: a kink, not a bug. Seed 1 keeps every ReLU input >= 6e-6.
-    over = {"sfl.clients_per_round": 4, "pretrain.steps": 10, "moco.ema": 0.9, "seed": 1}
+    # step). With ReLU, a pre-activation that close to zero lands on the other side of the kink: seen at
+    # seed 0 on an avx512 EPYC (one server weight gradient 4.5 % off) and at seed 1 on an AVX2-only one
+    # (every server weight up to layer 3 off by up to 1e-2). Both sides use softplus instead, so the
+    # comparison is of the split/stacked training itself, which does not depend on the activation.
+    monkeypatch.setattr(torch.nn.functional, "relu", lambda x, inplace=False: SOFTPLUS(x))
+    over = {"sfl.clients_per_round": 4, "pretrain.steps": 10, "moco.ema": 0.9}
     tr = make(**over)
     cfg = tr.cfg
     views = []
