@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import time
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -42,9 +43,26 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+# CPython keeps its AST recursion counter per interpreter, not per thread, so ast.parse while another thread
+# builds an AST can fail with "SystemError: AST constructor recursion depth mismatch" (see CPython gh-106905).
+# Seen on Python 3.11.7 in CI (2026-12-07) when a Prefect worker's flow ran `prepare`. Parsing is pure: retry.
+_PARSE_TRIES = 5
+
+
+def _parse(text: str) -> ast.Module:
+    for attempt in range(_PARSE_TRIES):
+        try:
+            return ast.parse(text)
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == _PARSE_TRIES - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def source_digest(text: str) -> str:
     """Hash of one module's code, blind to comments, formatting and docstrings."""
-    tree = _strip_docstrings(ast.parse(text))
+    tree = _strip_docstrings(_parse(text))
     return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
 
 

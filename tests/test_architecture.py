@@ -191,3 +191,25 @@ def test_editing_training_code_trains_a_new_run(prepared: list[str], tmp_path: P
     second = pretrain()
     assert second["run_id"] != first["run_id"] and second["code_hash"] != first["code_hash"]
     assert second["resumed_from_step"] == 0 and second["final_loss"] != first["final_loss"]
+
+
+def test_code_hash_parse_retries_cpythons_thread_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spurious 'recursion depth mismatch' (another thread building an AST) is parsed again; others raise."""
+    real, calls = ast.parse, []
+
+    def flaky(text: str) -> ast.Module:
+        calls.append(text)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=72, after=92)")
+        return real(text)
+
+    want = identity.source_digest("x = 1\n")
+    monkeypatch.setattr(identity.ast, "parse", flaky)
+    assert identity.source_digest("x = 1\n") == want and len(calls) == 2
+
+    def broken(text: str) -> ast.Module:
+        raise SystemError("something else")
+
+    monkeypatch.setattr(identity.ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        identity.source_digest("x = 1\n")
