@@ -50,14 +50,14 @@ _PARSE_TRIES = 5
 
 
 def _parse(text: str) -> ast.Module:
-    for attempt in range(_PARSE_TRIES):
+    for attempt in range(_PARSE_TRIES - 1):
         try:
             return ast.parse(text)
         except SystemError as e:
-            if "recursion depth mismatch" not in str(e) or attempt == _PARSE_TRIES - 1:
+            if "recursion depth mismatch" not in str(e):
                 raise
             time.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return ast.parse(text)  # the last try raises whatever it raises
 
 
 def source_digest(text: str) -> str:

@@ -24,7 +24,6 @@ from mocosfl.sfl.trainer import KnnData, MocoSFLTrainer, TrainingDiverged, moco_
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 N_IMG, SIZE, N = 200, 16, 8
-SOFTPLUS = torch.nn.functional.softplus
 IMAGES = np.random.default_rng(0).integers(0, 256, (N_IMG, SIZE, SIZE, 3), dtype=np.uint8)
 LABELS = np.repeat(np.arange(10), N_IMG // 10)
 SHARDS = partition_indices(LABELS, "noniid-shards", N, seed=0)  # 8 clients x 24 images
@@ -161,7 +160,7 @@ def test_two_split_steps_equal_end_to_end_training(monkeypatch: pytest.MonkeyPat
     # seed 0 on an avx512 EPYC (one server weight gradient 4.5 % off) and at seed 1 on an AVX2-only one
     # (every server weight up to layer 3 off by up to 1e-2). Both sides use softplus instead, so the
     # comparison is of the split/stacked training itself, which does not depend on the activation.
-    monkeypatch.setattr(torch.nn.functional, "relu", lambda x, inplace=False: SOFTPLUS(x))
+    monkeypatch.setattr(torch.nn.functional, "relu", lambda x, inplace=False: torch.nn.functional.softplus(x))
     over = {"sfl.clients_per_round": 4, "pretrain.steps": 10, "moco.ema": 0.9}
     tr = make(**over)
     cfg = tr.cfg
